@@ -1,0 +1,163 @@
+"""The canonical, format-independent form of one adapter, taken from a model or put onto one.
+
+Every file format only maps its keys and scales onto this: per module A (r x in), B (out x r) in
+nn.Linear orientation and alpha (scale = alpha/r, or alpha/sqrt(r) with use_rslora).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .errors import LoraError
+from .layers import LoraLayer, SavedModule, factor_shapes, kind_of
+from .model import add_adapter, adapter_infos, check_name, lora_modules
+from .targeting import closest, plain_modules
+
+
+@dataclass
+class ModuleLora:
+    A: torch.Tensor
+    B: torch.Tensor
+    alpha: float
+    kind: str | None = None  # "linear", "conv1d_t", "embedding", "conv"; None when a format cannot tell
+
+    @property
+    def r(self) -> int:
+        return self.A.shape[0]
+
+
+@dataclass
+class Adapter:
+    modules: dict[str, ModuleLora]
+    use_rslora: bool = False
+    saved: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # modules_to_save state dicts
+    biases: dict[str, torch.Tensor] = field(default_factory=dict)  # trained biases (bias modes), by module
+    config: LoraConfig | None = None  # training settings, when the format records them
+    base_model: str | None = None
+    fingerprint: dict[str, list[int]] = field(default_factory=dict)  # module -> base weight shape
+
+    def common(self) -> tuple[int, float]:
+        """The most common rank and alpha (what formats with one global r/alpha record)."""
+        r = Counter(m.r for m in self.modules.values()).most_common(1)[0][0]
+        alpha = Counter(m.alpha for m in self.modules.values()).most_common(1)[0][0]
+        return r, alpha
+
+    def num_params(self) -> int:
+        lora = sum(m.A.numel() + m.B.numel() for m in self.modules.values())
+        return lora + sum(t.numel() for sd in self.saved.values() for t in sd.values()) + sum(
+            b.numel() for b in self.biases.values())
+
+
+def from_model(model: nn.Module, name: str) -> Adapter:
+    """The adapter `name` of the model, in canonical form (tensors detached, on CPU)."""
+    info = adapter_infos(model).get(name)
+    if info is None:
+        raise LoraError(f"no adapter named {name!r} on this model; it has {list(adapter_infos(model)) or 'none'}")
+    cfg: LoraConfig = info["config"]
+    cpu = lambda t: t.detach().to("cpu").contiguous()  # noqa: E731
+    a = Adapter({}, cfg.use_rslora, config=cfg, base_model=info["base_model"])
+    for path, m in lora_modules(model).items():
+        if isinstance(m, LoraLayer) and name in m.lora_A:
+            a.modules[path] = ModuleLora(cpu(m.lora_A[name]), cpu(m.lora_B[name]), m.lora_alpha[name], m.lora_kind)
+            a.fingerprint[path] = list(m.weight.shape)
+        elif isinstance(m, SavedModule) and name in m.lora_copies:
+            a.saved[path] = {k: cpu(v) for k, v in m.lora_copies[name].state_dict().items()}
+    if cfg.bias != "none":
+        for pname, p in model.named_parameters():
+            module = pname.rsplit(".", 1)[0]
+            if pname.endswith(".bias") and "lora_copies" not in pname.split(".") and (
+                    cfg.bias == "all" or module in a.modules):
+                a.biases[module] = cpu(p)
+    return a
+
+
+def resolve_paths(model: nn.Module, paths: list[str]) -> dict[str, str]:
+    """Map the adapter's module paths onto the model's, allowing a wrapper prefix added or dropped
+    (an adapter saved on LlamaForCausalLM loads onto LlamaModel and back)."""
+    names = plain_modules(model)
+    if not paths or all(p in names for p in paths):
+        return {p: p for p in paths}
+    p0 = paths[0]
+    tries = []
+    for n in names:  # the model has extra leading components
+        if n.endswith("." + p0):
+            pre = n[: -len(p0)]
+            tries.append(lambda p, pre=pre: pre + p)
+    parts = p0.split(".")
+    for k in range(1, len(parts)):  # the file has extra leading components
+        pre = ".".join(parts[:k]) + "."
+        tries.append(lambda p, pre=pre: p[len(pre):] if p.startswith(pre) else p)
+    for f in tries:
+        mapping = {p: f(p) for p in paths}
+        if all(v in names for v in mapping.values()):
+            return mapping
+    missing = next(p for p in paths if p not in names)
+    raise LoraError(f"the adapter targets module {missing!r}, which this model does not have. {closest(names, missing)}")
+
+
+def apply(model: nn.Module, adapter: Adapter, name: str, source: str = "adapter") -> str:
+    """Put `adapter` onto the model as `name`, active alone. Everything is checked before anything
+    changes, so a bad adapter leaves the model exactly as it was."""
+    check_name(model, name)
+    if not adapter.modules and not adapter.saved:
+        raise LoraError(f"{source} holds no LoRA tensors")
+    paths = resolve_paths(model, list(adapter.modules) + list(adapter.saved) + list(adapter.biases))
+    names = plain_modules(model)
+    for path, want in adapter.fingerprint.items():
+        m = names.get(paths.get(path, path))
+        have = list(m.weight.shape) if m is not None and hasattr(m, "weight") else None
+        if have != list(want):
+            raise LoraError(
+                f"{source} was made for base model {adapter.base_model or '(unrecorded)'} whose module {path!r} has "
+                f"weight shape {list(want)}; this model's is {have}. Load it onto the base it was trained on.")
+    for path, ml in adapter.modules.items():
+        m = names[paths[path]]
+        kind = kind_of(m)
+        if kind is None:
+            raise LoraError(f"{source}: module {path!r} is a {type(m).__name__}, which lorakit cannot adapt")
+        if ml.kind is not None and ml.kind != kind and {ml.kind, kind} != {"linear", "conv1d_t"}:
+            raise LoraError(f"{source}: module {path!r} holds a {ml.kind} adapter but the model's module is {kind}")
+        if isinstance(m, LoraLayer) and m.lora_merged:
+            raise LoraError(f"module {path!r} has merged adapters; unmerge(model) before loading another")
+        want_a, want_b = factor_shapes(m, ml.r)
+        for t, want, key in ((ml.A, want_a, "A"), (ml.B, want_b, "B")):
+            if tuple(t.shape) != tuple(want):
+                raise LoraError(f"{source}: module {path!r} factor {key} has shape {list(t.shape)}, "
+                                f"expected {list(want)} for rank {ml.r} on this model")
+            if not torch.isfinite(t).all():
+                raise LoraError(f"{source}: module {path!r} factor {key} contains NaN or Inf values")
+    for path, sd in adapter.saved.items():
+        m = names[paths[path]]
+        own = {k: v for k, v in m.state_dict().items() if not k.startswith("lora_copies.")}
+        if set(sd) != set(own) or any(sd[k].shape != own[k].shape for k in sd):
+            raise LoraError(f"{source}: saved module {path!r} has tensors {sorted((k, list(v.shape)) for k, v in sd.items())}, "
+                            f"the model's has {sorted((k, list(v.shape)) for k, v in own.items())}")
+    for path, b in adapter.biases.items():
+        bias = getattr(names[paths[path]], "bias", None)
+        if not isinstance(bias, torch.Tensor) or bias.shape != b.shape:
+            raise LoraError(f"{source}: bias of module {path!r} does not fit the model's")
+
+    if adapter.config is not None:
+        cfg = dataclasses.replace(adapter.config, use_rslora=adapter.use_rslora)
+    else:
+        r, alpha = adapter.common() if adapter.modules else (8, 8)
+        cfg = LoraConfig(r=r, alpha=alpha, targets=[paths[p] for p in [*adapter.modules, *adapter.saved]],
+                         use_rslora=adapter.use_rslora, bias="all" if adapter.biases else "none")
+    ranks = {paths[p]: (ml.r, ml.alpha) for p, ml in adapter.modules.items()}
+    add_adapter(model, name, ranks, cfg, [paths[p] for p in adapter.saved], adapter.base_model)
+    with torch.no_grad():
+        for path, ml in adapter.modules.items():
+            m = names[paths[path]]
+            m.lora_A[name].copy_(ml.A)
+            m.lora_B[name].copy_(ml.B)
+        for path, sd in adapter.saved.items():
+            names[paths[path]].lora_copies[name].load_state_dict(sd)
+        for path, b in adapter.biases.items():
+            names[paths[path]].bias.copy_(b)
+    return name

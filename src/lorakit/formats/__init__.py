@@ -1,0 +1,1 @@
+"""One module per file format; each only maps keys and scales onto the canonical Adapter."""

@@ -1,0 +1,83 @@
+"""lorakit's own format: one .safetensors file whose header says everything needed to load it.
+
+Tensors: ``lora.<module>.A``, ``lora.<module>.B``, ``saved.<module>.<param>`` (modules_to_save),
+``bias.<module>`` (trained biases). Header metadata (strings): ``format`` = "lorakit",
+``format_version``, ``base_model``, ``config`` (the LoraConfig as JSON), ``modules`` (per module
+kind, r and alpha), ``targets``, ``saved`` and ``fingerprint`` (each targeted base weight's shape).
+"""
+
+from __future__ import annotations
+
+import json
+
+from ..adapter import Adapter, ModuleLora
+from ..config import LoraConfig
+from ..errors import LoraError
+
+FORMAT_VERSION = "1"
+
+
+def is_native(metadata: dict) -> bool:
+    return metadata.get("format") == "lorakit"
+
+
+def write(adapter: Adapter) -> tuple[dict, dict]:
+    tensors, modules = {}, {}
+    for path, m in adapter.modules.items():
+        tensors[f"lora.{path}.A"], tensors[f"lora.{path}.B"] = m.A, m.B
+        modules[path] = {"kind": m.kind, "r": m.r, "alpha": m.alpha}
+    for path, sd in adapter.saved.items():
+        tensors.update({f"saved.{path}.{k}": v for k, v in sd.items()})
+    tensors.update({f"bias.{path}": b for path, b in adapter.biases.items()})
+    cfg = adapter.config.to_dict() if adapter.config else {}
+    metadata = {
+        "format": "lorakit",
+        "format_version": FORMAT_VERSION,
+        "base_model": adapter.base_model or "",
+        "config": json.dumps(cfg),
+        "use_rslora": json.dumps(adapter.use_rslora),
+        "modules": json.dumps(modules),
+        "targets": json.dumps(cfg.get("targets", list(modules))),
+        "saved": json.dumps(list(adapter.saved)),
+        "fingerprint": json.dumps(adapter.fingerprint),
+    }
+    return tensors, metadata
+
+
+def read(tensors: dict, metadata: dict, source: str) -> Adapter:
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise LoraError(f"{source} is lorakit format version {version!r}; this lorakit reads version "
+                        f"{FORMAT_VERSION}. Upgrade lorakit to load it.")
+    try:
+        modules = json.loads(metadata["modules"])
+        saved_paths = json.loads(metadata.get("saved", "[]"))
+        fingerprint = json.loads(metadata.get("fingerprint", "{}"))
+        cfg = json.loads(metadata.get("config", "{}"))
+        use_rslora = json.loads(metadata.get("use_rslora", "false"))
+    except (KeyError, json.JSONDecodeError) as e:
+        raise LoraError(f"{source}: the lorakit header is damaged ({e}); re-save the adapter") from None
+    a = Adapter({}, use_rslora, config=LoraConfig.from_dict(cfg) if cfg else None,
+                base_model=metadata.get("base_model") or None, fingerprint=fingerprint)
+    used = set()
+    for path, info in modules.items():
+        ka, kb = f"lora.{path}.A", f"lora.{path}.B"
+        for k in (ka, kb):
+            if k not in tensors:
+                raise LoraError(f"{source}: tensor {k!r} for module {path!r} is missing; the file is incomplete")
+        if tensors[ka].shape[0] != info["r"]:
+            raise LoraError(f"{source}: module {path!r} records rank {info['r']} but A has shape {list(tensors[ka].shape)}")
+        a.modules[path] = ModuleLora(tensors[ka], tensors[kb], info["alpha"], info.get("kind"))
+        used |= {ka, kb}
+    for path in saved_paths:
+        pre = f"saved.{path}."
+        a.saved[path] = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
+        used |= {pre + k for k in a.saved[path]}
+    for k, v in tensors.items():
+        if k.startswith("bias."):
+            a.biases[k[len("bias."):]] = v
+            used.add(k)
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise LoraError(f"{source}: tensor {extra[0]!r} belongs to no module in the header; the file is damaged")
+    return a

@@ -1,0 +1,125 @@
+"""PEFT's adapter folder: adapter_config.json + adapter_model.safetensors (peft 0.21 layout).
+
+Keys are ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (embeddings:
+``.lora_embedding_A`` / ``_B``, no ``.weight``); modules_to_save and trained biases are stored
+under their module's own key. r comes from the tensors; alpha from ``lora_alpha`` unless an
+``alpha_pattern`` key matches the module (PEFT's suffix-regex rule).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from ..adapter import Adapter, ModuleLora
+from ..config import LoraConfig, pattern_key
+from ..errors import LoraError
+from ..targeting import matches
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+_UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "lora_bias", "layer_replication": "layer_replication",
+                "target_parameters": "target_parameters", "trainable_token_indices": "trainable tokens"}
+
+
+def looks_like(tensors: dict) -> bool:
+    return any(k.startswith(PREFIX) or ".lora_A.weight" in k or ".lora_embedding_A" in k for k in tensors)
+
+
+def read(tensors: dict, config: dict, source: str) -> Adapter:
+    if config.get("peft_type", "LORA") != "LORA":
+        raise LoraError(f"{source} is a PEFT {config['peft_type']} adapter; lorakit reads LoRA adapters only")
+    for key, what in _UNSUPPORTED.items():
+        if config.get(key):
+            raise LoraError(f"{source} uses PEFT's {what} ({key}={config[key]!r}), which lorakit does not support yet")
+    alpha, alpha_pattern = config.get("lora_alpha", 8), config.get("alpha_pattern") or {}
+    bias = config.get("bias", "none")
+    saved_names = config.get("modules_to_save") or []
+    a = Adapter({}, bool(config.get("use_rslora", False)), base_model=config.get("base_model_name_or_path"))
+    parts: dict[str, dict] = {}
+    for key, t in tensors.items():
+        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        m = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight|(.+)\.(lora_embedding_A|lora_embedding_B)", k)
+        if m:
+            path = m.group(1) or m.group(3)
+            role = (m.group(2) or m.group(4))[-1]
+            parts.setdefault(path, {"kind": "embedding" if m.group(3) else None})[role] = t
+            continue
+        if ".lora_" in k:
+            raise LoraError(f"{source}: tensor {key!r} is a PEFT LoRA feature lorakit does not support "
+                            "(DoRA magnitude, lora_bias or similar)")
+        module, _, param = k.rpartition(".")
+        owner = _saved_owner(k, saved_names)
+        if owner:
+            a.saved.setdefault(owner, {})[k[len(owner) + 1:]] = t
+        elif bias != "none" and param == "bias":
+            a.biases[module] = t
+        else:
+            raise LoraError(f"{source}: tensor {key!r} is neither a LoRA factor nor part of modules_to_save "
+                            f"{saved_names}; the file does not match its {CONFIG_NAME}")
+    for path, p in parts.items():
+        if "A" not in p or "B" not in p:
+            raise LoraError(f"{source}: module {path!r} has lora_{'B' if 'A' in p else 'A'} but no "
+                            f"lora_{'A' if 'A' not in p else 'B'}; the file is incomplete")
+        k = pattern_key(alpha_pattern, path)
+        a.modules[path] = ModuleLora(p["A"], p["B"], alpha if k is None else alpha_pattern[k], p["kind"])
+    r = Counter(m.r for m in a.modules.values()).most_common(1)[0][0] if a.modules else config.get("r", 8)
+    targets = config.get("target_modules") or list(a.modules) or saved_names
+    a.config = LoraConfig(r=r, alpha=alpha, dropout=config.get("lora_dropout", 0.0) or 0.0,
+                          targets=targets if isinstance(targets, str) else list(targets),
+                          exclude=config.get("exclude_modules"), use_rslora=a.use_rslora, bias=bias,
+                          modules_to_save=list(saved_names))
+    return a
+
+
+def _saved_owner(key: str, saved_names: list[str]) -> str | None:
+    """The modules_to_save module that tensor `key` belongs to (PEFT's suffix rule), if any."""
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if matches(list(saved_names), ".".join(parts[:i])):
+            return ".".join(parts[:i])
+    return None
+
+
+def write(adapter: Adapter) -> tuple[dict, dict]:
+    """(adapter_config.json contents, tensors) for PEFT's LoraModel."""
+    tensors = {}
+    for path, m in adapter.modules.items():
+        if m.kind == "conv" and m.B.shape[1] != m.r:
+            raise LoraError(f"module {path!r} is a grouped conv; PEFT's grouped-conv LoRA has a different, "
+                            "unmergeable layout, so it cannot be exported to PEFT")
+        if m.kind == "embedding":
+            tensors[f"{PREFIX}{path}.lora_embedding_A"], tensors[f"{PREFIX}{path}.lora_embedding_B"] = m.A, m.B
+        else:
+            tensors[f"{PREFIX}{path}.lora_A.weight"], tensors[f"{PREFIX}{path}.lora_B.weight"] = m.A, m.B
+    for path, sd in adapter.saved.items():
+        tensors.update({f"{PREFIX}{path}.{k}": v for k, v in sd.items()})
+    tensors.update({f"{PREFIX}{path}.bias": b for path, b in adapter.biases.items()})
+    r, alpha = adapter.common() if adapter.modules else (8, 8)
+    cfg = adapter.config or LoraConfig()
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": adapter.base_model,
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": list(adapter.modules),
+        "rank_pattern": {re.escape(p): m.r for p, m in adapter.modules.items() if m.r != r},
+        "alpha_pattern": {re.escape(p): m.alpha for p, m in adapter.modules.items() if m.alpha != alpha},
+        "use_rslora": adapter.use_rslora,
+        "lora_dropout": cfg.dropout,
+        "bias": cfg.bias,
+        "modules_to_save": list(adapter.saved) or None,
+        "fan_in_fan_out": any(m.kind == "conv1d_t" for m in adapter.modules.values()),
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_dora": False,
+        "lora_bias": False,
+        "exclude_modules": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "revision": None,
+    }
+    return config, tensors

@@ -1,0 +1,172 @@
+"""Saving and loading adapters: format detection, safe reading, atomic writing."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import adapter as canonical
+from .errors import LoraError
+from .formats import loralib, native, peft
+from .model import active, adapter_infos, adapters
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+FORMATS = ("lorakit", "peft")
+
+
+# --- writing --------------------------------------------------------------------------------------
+def atomic_write(path: Path, write):
+    """Call write(tmp_path), then rename over `path`: readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_tensors(path: Path, tensors: dict, metadata: dict):
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}  # no shared storage
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def base_model_id(model: nn.Module) -> str | None:
+    """The hub id or folder the model was loaded from, if transformers/diffusers recorded it."""
+    cfg = getattr(model, "config", None)
+    for v in (getattr(model, "name_or_path", None), getattr(cfg, "_name_or_path", None)):
+        if isinstance(v, str) and v:
+            return v
+    return None
+
+
+def save(model: nn.Module, path, name: str | None = None, format: str = "lorakit",
+         base_model: str | None = None) -> Path:
+    """Write adapter `name` (default: the only, or the only active, adapter).
+
+    format="lorakit": one .safetensors file recording r/alpha per module, targets, the base model id
+    and a fingerprint of the base; format="peft": a PEFT adapter folder. Writes are atomic.
+    """
+    path = Path(path)
+    if format not in FORMATS:
+        raise LoraError(f"unknown format {format!r}; choose one of {FORMATS}")
+    name = name or _default_adapter(model)
+    a = canonical.from_model(model, name)
+    a.base_model = base_model or a.base_model or base_model_id(model)
+    if format == "lorakit":
+        if path.suffix != ".safetensors":
+            raise LoraError(f"{path}: lorakit adapters are single .safetensors files; name it "
+                            f"{path.with_suffix('.safetensors').name} or pass format='peft' for a PEFT folder")
+        _save_tensors(path, *native.write(a))
+    else:
+        if path.suffix == ".safetensors":
+            raise LoraError(f"{path}: a PEFT adapter is a folder; give a folder path")
+        config, tensors = peft.write(a)
+        path.mkdir(parents=True, exist_ok=True)
+        _save_tensors(path / peft.WEIGHTS_NAME, tensors, {"format": "pt"})
+        atomic_write(path / peft.CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    return path
+
+
+def _default_adapter(model: nn.Module) -> str:
+    names, on = adapters(model), list(active(model))
+    if len(names) == 1:
+        return names[0]
+    if len(on) == 1:
+        return on[0]
+    raise LoraError(f"the model has adapters {names}; say which to save with name=")
+
+
+# --- reading --------------------------------------------------------------------------------------
+def _read_tensors(path: Path, allow_pickle: bool) -> tuple[dict, dict]:
+    """(tensors, header metadata) of a safetensors file, or of a pickle file when allowed."""
+    if not path.exists():
+        raise LoraError(f"{path}: no such file")
+    if path.suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise LoraError(f"{path} is a pickle file, which can run code when loaded. If you trust it, pass "
+                            "allow_pickle=True (it is then read with torch.load(weights_only=True)); better, "
+                            "convert it to .safetensors")
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise LoraError(f"{path}: cannot read it as a weights-only torch file ({e})") from None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise LoraError(f"{path}: expected a dict of tensors (a state dict)")
+        return sd, {}
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise LoraError(f"{path}: not a readable safetensors file ({e}); it may be truncated or corrupt") from None
+
+
+def read(path, allow_pickle: bool = False, alpha: float | None = None) -> tuple[canonical.Adapter, str]:
+    """(adapter in canonical form, format name) for a lorakit file, PEFT folder or loralib state dict."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / peft.CONFIG_NAME).exists():
+            raise LoraError(f"{path} is a folder without {peft.CONFIG_NAME}; lorakit reads PEFT adapter folders "
+                            "or single adapter files")
+        weights = path / peft.WEIGHTS_NAME
+        if not weights.exists() and (path / peft.PICKLE_WEIGHTS_NAME).exists():
+            weights = path / peft.PICKLE_WEIGHTS_NAME
+        return _read_peft(path / peft.CONFIG_NAME, weights, allow_pickle), "peft"
+    tensors, metadata = _read_tensors(path, allow_pickle)
+    if native.is_native(metadata):
+        return native.read(tensors, metadata, str(path)), "lorakit"
+    if peft.looks_like(tensors):
+        cfg = path.parent / peft.CONFIG_NAME
+        if not cfg.exists():
+            raise LoraError(f"{path} holds PEFT-style keys but has no {peft.CONFIG_NAME} beside it, so its alpha "
+                            "is unknown; load the PEFT folder")
+        return _read_peft(cfg, path, allow_pickle, tensors), "peft"
+    if loralib.looks_like(tensors):
+        return loralib.read(tensors, str(path), alpha), "loralib"
+    sample = ", ".join(repr(k) for k in list(tensors)[:3])
+    raise LoraError(f"{path}: not a LoRA file lorakit knows. Its {len(tensors)} tensors ({sample}, ...) match none of: "
+                    "lorakit (header format=lorakit), PEFT (<module>.lora_A.weight + adapter_config.json), "
+                    "loralib (<module>.lora_A / .lora_B)")
+
+
+def _read_peft(config_path: Path, weights: Path, allow_pickle: bool, tensors: dict | None = None):
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LoraError(f"{config_path}: not valid JSON ({e})") from None
+    if tensors is None:
+        tensors, _ = _read_tensors(weights, allow_pickle)
+    return peft.read(tensors, config, str(weights))
+
+
+def load(model: nn.Module, path, name: str | None = None, allow_pickle: bool = False,
+         alpha: float | None = None) -> str:
+    """Load an adapter file or folder onto the model (format detected) and activate it alone.
+
+    Returns its name (default: from the file name). A bad file, a missing key, a wrong shape or a
+    different base raises LoraError and leaves the model as it was. alpha= sets alpha for formats
+    that do not record it (loralib).
+    """
+    path = Path(path)
+    a, _ = read(path, allow_pickle, alpha)
+    if name is None:
+        stem = path.name if path.is_dir() else path.stem
+        stem = path.parent.name if stem == "adapter_model" else stem
+        name = re.sub(r"[^A-Za-z0-9_\-]", "_", stem) or "adapter"
+        name = name if re.match(r"[A-Za-z_]", name) else f"a_{name}"
+        taken, base = set(adapter_infos(model)), name
+        i = 2
+        while name in taken:
+            name, i = f"{base}_{i}", i + 1
+    return canonical.apply(model, a, name, source=str(path))

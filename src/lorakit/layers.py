@@ -1,0 +1,273 @@
+"""LoRA layers: the LoRA math, in one place.
+
+A targeted module keeps its object, its class's forward and its parameter names: lorakit swaps
+its class for a subclass that adds the low-rank update (so ``q_proj.weight`` stays
+``q_proj.weight``, a base checkpoint still loads, and ``isinstance(m, nn.Linear)`` still holds).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import LoraError
+
+# What lorakit can adapt: "linear" (nn.Linear), "conv1d_t" (transformers' GPT-2 Conv1D, weight
+# stored in x out), "embedding" (nn.Embedding) and "conv" (nn.Conv1d/2d/3d).
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def kind_of(module: nn.Module) -> str | None:
+    """The LoRA kind of a module, or None when lorakit cannot adapt it."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return "conv"
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
+        return "conv1d_t"
+    return None
+
+
+def factor_shapes(module: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of A and B for a rank-r adapter on `module` (a plain or lorakit layer)."""
+    w, kind = module.weight, kind_of(module)
+    if kind == "linear":
+        return (r, w.shape[1]), (w.shape[0], r)
+    if kind in ("conv1d_t", "embedding"):
+        return (r, w.shape[0]), (w.shape[1], r)
+    g = module.groups
+    if r % g:
+        raise LoraError(f"rank {r} is not divisible by the conv's groups={g}; choose a multiple of {g}")
+    return (r, *w.shape[1:]), (w.shape[0], r // g, *[1] * (w.dim() - 2))
+
+
+class LoraLayer(nn.Module):
+    """Adds weighted low-rank updates to a frozen base layer.
+
+    For each adapter i with A_i (r_i x in), B_i (out x r_i), scale s_i and weight w_i:
+        W' = W + sum_i w_i * s_i * B_i @ A_i          (Conv1D, Embedding: the transpose)
+        y  = base(x) + (dropout(x) @ A^T) @ B^T       with A = [A_1; A_2; ...], B = [w_1 s_1 B_1, ...]
+    so any set of active adapters costs one pair of matrix products. Conv: A is a conv with the base
+    kernel, stride, padding, dilation, padding mode and groups (r % groups == 0) and B a 1x1 conv
+    with the same groups, so the update is itself a conv of W's shape and merges exactly.
+    Embedding: A (r x num), B (dim x r), y = E[x] + s * A^T[x] @ B^T; no dropout on indices.
+    """
+
+    lora_A: nn.ParameterDict
+    lora_B: nn.ParameterDict
+
+    def lora_setup(self):
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_kind = kind_of(self)
+        self.lora_alpha: dict[str, float] = {}
+        self.lora_scale: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+        self.lora_weights: dict[str, float] = {}  # the active adapters and their weights
+        self.lora_merged: dict[str, float] = {}  # what merge() added to the weight
+        self.disabled = False
+        self._lora_hook = self.register_load_state_dict_post_hook(_adapter_keys_optional)
+
+    # --- initialisation -------------------------------------------------------------------------
+    def lora_add(self, name: str, r: int, alpha: float, scale: float, dropout: float = 0.0, init=True):
+        """Create adapter `name` (rank r) in this layer; it starts inactive."""
+        a_shape, b_shape = factor_shapes(self, r)
+        kw = dict(device=self.weight.device, dtype=self.weight.dtype)
+        A, B = torch.empty(a_shape, **kw), torch.empty(b_shape, **kw)
+        with torch.no_grad():
+            if self.lora_kind == "embedding":
+                nn.init.zeros_(A) if init else nn.init.normal_(A)
+                nn.init.normal_(B)
+            else:
+                if init == "gaussian":
+                    nn.init.normal_(A, std=1 / r)
+                else:
+                    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+                nn.init.zeros_(B) if init else nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(B)
+        self.lora_alpha[name] = alpha
+        self.lora_scale[name] = scale
+        self.lora_dropout[name] = 0.0 if self.lora_kind == "embedding" else dropout
+
+    def lora_remove(self, name: str):
+        for d in (self.lora_A, self.lora_B):
+            del d[name]
+        for d in (self.lora_alpha, self.lora_scale, self.lora_dropout, self.lora_weights):
+            d.pop(name, None)
+
+    # --- the math ------------------------------------------------------------------------------
+    def lora_factors(self, weights: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B of the weighted sum of `weights`' adapters, stacked along the rank."""
+        A = [self.lora_A[n] for n in weights]
+        B = [self.lora_B[n] if (c := w * self.lora_scale[n]) == 1 else self.lora_B[n] * c for n, w in weights.items()]
+        if len(A) == 1:
+            return A[0], B[0]
+        if self.lora_kind == "conv" and self.groups > 1:  # keep each group's rank rows together
+            g = self.groups
+            A = [a.reshape(g, a.shape[0] // g, *a.shape[1:]) for a in A]
+            return torch.cat(A, 1).flatten(0, 1), torch.cat(B, 1)
+        return torch.cat(A, 0), torch.cat(B, 1)
+
+    def lora_delta(self, weights: dict[str, float]) -> torch.Tensor:
+        """ΔW = Σ w·s·B·A in the layout of `self.weight` (computed in fp32 for half-precision bases)."""
+        A, B = self.lora_factors(weights)
+        if A.dtype in (torch.float16, torch.bfloat16):
+            A, B = A.float(), B.float()
+        if self.lora_kind == "linear":
+            return B @ A
+        if self.lora_kind in ("conv1d_t", "embedding"):
+            return (B @ A).T
+        g, shape = self.groups, self.weight.shape
+        Bg = B.reshape(g, B.shape[0] // g, B.shape[1])
+        Ag = A.reshape(g, A.shape[0] // g, -1)
+        return torch.bmm(Bg, Ag).reshape(shape)
+
+    def lora_update(self, x: torch.Tensor, weights: dict[str, float]) -> torch.Tensor:
+        """The output added to base(x) by the adapters in `weights`."""
+        A, B = self.lora_factors(weights)
+        if x.is_floating_point() and x.dtype != A.dtype:
+            x = x.to(A.dtype)
+        if self.lora_kind in ("linear", "conv1d_t"):
+            return F.linear(F.linear(x, A), B)
+        if self.lora_kind == "embedding":
+            h = F.embedding(x, A.T, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
+            y = F.linear(h, B)
+            return y * self.embed_scale.to(y.dtype) if hasattr(self, "embed_scale") else y
+        conv = _CONV_FN[self.weight.dim() - 2]
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        h = conv(x, A, None, self.stride, padding, self.dilation, self.groups)
+        return conv(h, B, None, 1, 0, 1, self.groups)
+
+    def forward(self, x, *args, **kwargs):
+        y = super().forward(x, *args, **kwargs)
+        if self.disabled or self.lora_merged or not self.lora_weights:
+            return y
+        by_dropout: dict[float, dict[str, float]] = {}
+        for n, w in self.lora_weights.items():
+            by_dropout.setdefault(self.lora_dropout[n] if self.training else 0.0, {})[n] = w
+        for p, weights in by_dropout.items():
+            xi = F.dropout(x, p, training=True) if p else x
+            y = y + self.lora_update(xi, weights).to(y.dtype)
+        return y
+
+    # --- merging -------------------------------------------------------------------------------
+    def lora_merged_weight(self) -> torch.Tensor:
+        """What merge() would set the weight to: W + ΔW of the active adapters."""
+        return self.weight + self.lora_delta(self.lora_weights).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def lora_merge(self, new_weight: torch.Tensor | None = None):
+        if self.lora_merged or not self.lora_weights:
+            return
+        self.weight.copy_(self.lora_merged_weight() if new_weight is None else new_weight)
+        self.lora_merged = dict(self.lora_weights)
+
+    @torch.no_grad()
+    def lora_unmerge(self):
+        if self.lora_merged:
+            self.weight.sub_(self.lora_delta(self.lora_merged).to(self.weight.dtype))
+            self.lora_merged = {}
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{n}: r={self.lora_A[n].shape[0]} s={self.lora_scale[n]:g}" for n in self.lora_A)
+        return f"{super().extra_repr()}, lora={{{adapters}}}, active={self.lora_weights}"
+
+
+class SavedModule(nn.Module):
+    """A module trained in full for some adapters (PEFT's modules_to_save): each adapter owns a copy.
+
+    With weights w_i the module runs on parameters P + Σ w_i (P_i - P), so weighting and negation
+    mean the same thing as for LoRA updates; one adapter at weight 1 runs its copy directly.
+    """
+
+    lora_copies: nn.ModuleDict
+
+    def lora_setup(self):
+        self.lora_copies = nn.ModuleDict()
+        self.lora_weights: dict[str, float] = {}
+        self.lora_merged: dict[str, float] = {}
+        self.disabled = False
+        self._lora_hook = self.register_load_state_dict_post_hook(_adapter_keys_optional)
+
+    def lora_add_copy(self, name: str, original: nn.Module):
+        self.lora_copies[name] = original
+
+    def lora_remove(self, name: str):
+        del self.lora_copies[name]
+        self.lora_weights.pop(name, None)
+
+    def lora_params(self) -> dict[str, torch.Tensor]:
+        """Parameters and buffers of the active combination, keyed as in the base module."""
+        own = {k: v for k, v in self.state_dict(keep_vars=True).items() if not k.startswith("lora_copies.")}
+        active = {n: w for n, w in self.lora_weights.items() if n in self.lora_copies}
+        if not active or self.disabled:
+            return own
+        out = {}
+        for key, base in own.items():
+            if not base.is_floating_point():
+                out[key] = self.lora_copies[next(iter(active))].state_dict(keep_vars=True)[key]
+                continue
+            out[key] = base + sum(w * (self.lora_copies[n].state_dict(keep_vars=True)[key] - base) for n, w in active.items())
+        return out
+
+    def forward(self, *args, **kwargs):
+        active = {n: w for n, w in self.lora_weights.items() if n in self.lora_copies}
+        if self.disabled or not active:
+            return super().forward(*args, **kwargs)
+        if len(active) == 1 and next(iter(active.values())) == 1:
+            return self.lora_copies[next(iter(active))](*args, **kwargs)
+        template = self.lora_copies[next(iter(active))]
+        return torch.func.functional_call(template, self.lora_params(), args, kwargs)
+
+
+def _adapter_keys_optional(module, incompatible):
+    """Let a base checkpoint load strictly into an injected model: adapter keys may be missing."""
+    incompatible.missing_keys[:] = [
+        k for k in incompatible.missing_keys if not any(p in k.split(".") for p in ("lora_A", "lora_B", "lora_copies"))
+    ]
+
+
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def swap_in(module: nn.Module, mixin: type) -> nn.Module:
+    """Turn `module` into a lorakit layer in place by swapping in a subclass of its own class."""
+    base = type(module)
+    if (mixin, base) not in _CLASSES:
+        _CLASSES[(mixin, base)] = type(f"{mixin.__name__}[{base.__name__}]", (mixin, base), {})
+    module.__class__ = _CLASSES[(mixin, base)]
+    module.lora_setup()
+    return module
+
+
+def swap_out(module: nn.Module) -> nn.Module:
+    """Undo swap_in: the module's own class back, every lorakit attribute gone."""
+    module._lora_hook.remove()
+    for attr in ("lora_A", "lora_B", "lora_copies"):
+        if attr in module._modules:
+            del module._modules[attr]
+    for attr in ("lora_kind", "lora_alpha", "lora_scale", "lora_dropout", "lora_weights", "lora_merged", "disabled", "_lora_hook"):
+        module.__dict__.pop(attr, None)
+    module.__class__ = type(module).__mro__[2]
+    return module
+
+
+def is_lora(module: nn.Module) -> bool:
+    return isinstance(module, (LoraLayer, SavedModule))
+
+
+def fresh_copy(module: nn.Module) -> nn.Module:
+    """A trainable deep copy of a plain module (for modules_to_save)."""
+    c = copy.deepcopy(module)
+    c.requires_grad_(True)
+    return c

@@ -1,0 +1,292 @@
+"""Operations on a model: inject adapters, choose the active weighted set, merge, unmerge, unload."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import LoraConfig, scale
+from .errors import LoraError
+from .layers import LoraLayer, SavedModule, fresh_copy, is_lora, kind_of, swap_in, swap_out
+from .targeting import check_patterns, closest, find_targets, matches, plain_modules
+
+
+# --- bookkeeping ----------------------------------------------------------------------------------
+def adapter_infos(model: nn.Module) -> dict[str, dict]:
+    """name -> {"config": LoraConfig, "base_model": str | None} for every adapter on the model."""
+    infos = {}
+    for m in model.modules():
+        infos.update(getattr(m, "lora_adapters", {}))
+    return infos
+
+
+def adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters on the model, in the order they were added."""
+    return list(adapter_infos(model))
+
+
+def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The lorakit layers of the model by name (LoRA layers and modules_to_save)."""
+    return {n: m for n, m in plain_modules(model).items() if is_lora(m)}
+
+
+def check_name(model: nn.Module, name: str):
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", name):
+        raise LoraError(f"adapter name {name!r} must be a word of letters, digits, '_' or '-' (no dots)")
+    if name in adapter_infos(model):
+        raise LoraError(f"the model already has an adapter named {name!r}; pick another name or delete() it first")
+
+
+def _freeze_for(model: nn.Module):
+    """Base frozen; the factors, copies and (bias-mode) biases of the active adapters trainable."""
+    infos = adapter_infos(model)
+    layers = lora_modules(model)
+    active = set()
+    for m in layers.values():
+        active |= set(m.lora_weights)
+    train_bias = set()
+    for name in active:
+        cfg = infos[name]["config"]
+        if cfg.bias == "all":
+            train_bias |= {n for n, _ in model.named_parameters() if n.endswith("bias")}
+        elif cfg.bias == "lora_only":
+            train_bias |= {f"{p}.bias" for p, m in layers.items() if isinstance(m, LoraLayer) and name in m.lora_A}
+    for pname, p in model.named_parameters():
+        parts = pname.split(".")
+        if "lora_A" in parts or "lora_B" in parts or "lora_copies" in parts:
+            i = max(parts.index(k) for k in ("lora_A", "lora_B", "lora_copies") if k in parts)
+            p.requires_grad_(parts[i + 1] in active)
+        else:
+            p.requires_grad_(pname in train_bias)
+
+
+# --- inject ---------------------------------------------------------------------------------------
+def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Module:
+    """Add a new adapter to `model` in place and make it the one active (and trainable) adapter.
+
+    The base weights are frozen. Raises LoraError (model unchanged) when a target or pattern matches
+    nothing, a module cannot be adapted, or the name is taken.
+    """
+    check_name(model, name)
+    targets = find_targets(model, config.targets, config.exclude)
+    check_patterns(targets, config.rank_pattern, "rank_pattern")
+    check_patterns(targets, config.alpha_pattern, "alpha_pattern")
+    ranks = {t: config.rank_alpha(t) for t in targets}
+    saved = find_saved(model, config.modules_to_save, targets)
+    add_adapter(model, name, ranks, config, saved)
+    return model
+
+
+def find_saved(model: nn.Module, names: list[str], targets: list[str]) -> list[str]:
+    """The modules named by modules_to_save; each must exist and must not overlap a LoRA target."""
+    modules = plain_modules(model)
+    found = []
+    for item in names:
+        hits = [n for n in modules if matches([item], n)]
+        if not hits:
+            raise LoraError(f"modules_to_save entry {item!r} matches no module of this model. {closest(modules, item)}")
+        found += hits
+    for s in found:
+        for t in targets:
+            if t == s or t.startswith(s + ".") or s.startswith(t + "."):
+                raise LoraError(f"module {s!r} is both in modules_to_save and LoRA-targeted ({t!r}); choose one")
+    return list(dict.fromkeys(found))
+
+
+def add_adapter(model: nn.Module, name: str, ranks: dict[str, tuple[int, float]], config: LoraConfig,
+                saved: list[str], base_model: str | None = None):
+    """Create adapter `name` with the given per-module (r, alpha), activate it alone; all or nothing."""
+    modules = plain_modules(model)
+    model.__dict__.setdefault("lora_adapters", {})
+    try:
+        for path, (r, alpha) in ranks.items():
+            m = modules[path]
+            if not isinstance(m, LoraLayer):
+                swap_in(m, LoraLayer)
+            m.lora_add(name, r, alpha, scale(r, alpha, config.use_rslora), config.dropout, config.init)
+        for path in saved:
+            m = modules[path]
+            original = swap_out(copy.deepcopy(m)) if isinstance(m, SavedModule) else m
+            c = fresh_copy(original)
+            if not isinstance(m, SavedModule):
+                swap_in(m, SavedModule)
+            m.lora_add_copy(name, c)
+        model.lora_adapters[name] = {"config": config, "base_model": base_model}
+    except Exception:
+        _remove(model, name)
+        raise
+    set_weights(model, {name: 1.0})
+
+
+def _remove(model: nn.Module, name: str):
+    for m in lora_modules(model).values():
+        if name in (m.lora_A if isinstance(m, LoraLayer) else m.lora_copies):
+            m.lora_remove(name)
+        if not (m.lora_A if isinstance(m, LoraLayer) else m.lora_copies):
+            swap_out(m)
+    for m in model.modules():
+        getattr(m, "lora_adapters", {}).pop(name, None)
+
+
+def delete(model: nn.Module, name: str) -> nn.Module:
+    """Remove adapter `name` from the model (modules left with no adapter become plain again)."""
+    _known(model, [name])
+    if any(name in m.lora_merged for m in lora_modules(model).values()):
+        raise LoraError(f"adapter {name!r} is merged into the weights; unmerge(model) before deleting it")
+    _remove(model, name)
+    _freeze_for(model)
+    return model
+
+
+def _known(model: nn.Module, names):
+    have = adapters(model)
+    for n in names:
+        if n not in have:
+            raise LoraError(f"no adapter named {n!r} on this model; it has {have or 'none'}")
+
+
+# --- the active set -------------------------------------------------------------------------------
+def set_weights(model: nn.Module, weights: dict[str, float] | list[str] | str) -> nn.Module:
+    """Activate exactly these adapters with these weights (any real numbers, negative included).
+
+    The model then computes W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ; a name alone means weight 1; {} means the base model.
+    Only the active adapters are trainable.
+    """
+    if isinstance(weights, str):
+        weights = [weights]
+    if not isinstance(weights, dict):
+        weights = {n: 1.0 for n in weights}
+    _known(model, weights)
+    layers = lora_modules(model)
+    if any(m.lora_merged for m in layers.values()):
+        raise LoraError("the model has merged adapters; unmerge(model) before changing the active set")
+    for m in layers.values():
+        have = m.lora_A if isinstance(m, LoraLayer) else m.lora_copies
+        m.lora_weights = {n: float(w) for n, w in weights.items() if n in have}
+    _freeze_for(model)
+    return model
+
+
+def active(model: nn.Module) -> dict[str, float]:
+    """The active adapters and their weights."""
+    out = {}
+    for m in lora_modules(model).values():
+        out.update(m.lora_weights)
+    return {n: out[n] for n in adapters(model) if n in out}
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module):
+    """Within the block the model computes its base function (merged layers are unmerged meanwhile)."""
+    layers = lora_modules(model).values()
+    merged = [m for m in layers if m.lora_merged]
+    for m in merged:
+        m.lora_unmerge()
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.disabled = False
+        for m in merged:
+            m.lora_merge()
+
+
+# --- merge ----------------------------------------------------------------------------------------
+def merge(model: nn.Module, safe: bool = False) -> nn.Module:
+    """Add the active adapters' ΔW into the base weights: no extra latency, undone by unmerge().
+
+    safe=True computes every merged weight first and refuses (changing nothing) if one is not finite.
+    """
+    layers = {n: m for n, m in lora_modules(model).items() if isinstance(m, LoraLayer) and not m.lora_merged}
+    if safe:
+        with torch.no_grad():
+            new = {n: m.lora_merged_weight() for n, m in layers.items() if m.lora_weights}
+        for n, w in new.items():
+            if not torch.isfinite(w).all():
+                raise LoraError(f"merging into {n!r} would give NaN/Inf weights; nothing was merged")
+        for n, w in new.items():
+            layers[n].lora_merge(w)
+    else:
+        for m in layers.values():
+            m.lora_merge()
+    return model
+
+
+_merge = merge  # unload's `merge` flag shadows the function
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Subtract what merge() added (the same ΔW, recomputed exactly)."""
+    for m in lora_modules(model).values():
+        if isinstance(m, LoraLayer):
+            m.lora_unmerge()
+    return model
+
+
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """A plain model with no lorakit module left: the active adapters baked in (merge=True) or dropped."""
+    if merge:
+        _merge(model)
+    else:
+        unmerge(model)
+    for m in lora_modules(model).values():
+        if merge and isinstance(m, SavedModule):
+            with torch.no_grad():
+                new = {k: v.detach().clone() for k, v in m.lora_params().items()}
+                for k, v in m.state_dict(keep_vars=True).items():
+                    if not k.startswith("lora_copies."):
+                        v.data.copy_(new[k])
+        swap_out(m)
+    for m in model.modules():
+        m.__dict__.pop("lora_adapters", None)
+    return model
+
+
+# --- summary --------------------------------------------------------------------------------------
+@dataclass
+class Summary:
+    """Trainable and total parameter counts, and per-adapter modules, parameters, ranks and alphas."""
+
+    trainable: int
+    total: int
+    adapters: dict[str, dict] = field(default_factory=dict)
+
+    def __str__(self):
+        rows = [f"{'adapter':<16}{'weight':>8}{'modules':>9}{'params':>12}  ranks / alphas"]
+        for n, a in self.adapters.items():
+            w = "-" if a["weight"] is None else f"{a['weight']:g}"
+            rows.append(f"{n:<16}{w:>8}{a['modules']:>9}{a['params']:>12,}  {a['ranks']} / {a['alphas']}")
+        pct = 100 * self.trainable / max(self.total, 1)
+        rows.append(f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {pct:.4f}")
+        return "\n".join(rows)
+
+    __repr__ = __str__
+
+
+def summary(model: nn.Module) -> Summary:
+    """Count trainable/total parameters and describe each adapter."""
+    params = {id(p): p for p in model.parameters()}.values()
+    s = Summary(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+    weights = active(model)
+    for name in adapters(model):
+        ranks, alphas, count, n = Counter(), Counter(), 0, 0
+        for m in lora_modules(model).values():
+            if isinstance(m, LoraLayer) and name in m.lora_A:
+                ranks[m.lora_A[name].shape[0]] += 1
+                alphas[m.lora_alpha[name]] += 1
+                count += m.lora_A[name].numel() + m.lora_B[name].numel()
+                n += 1
+            elif isinstance(m, SavedModule) and name in m.lora_copies:
+                count += sum(p.numel() for p in m.lora_copies[name].parameters())
+                n += 1
+        s.adapters[name] = {"weight": weights.get(name), "modules": n, "params": count,
+                            "ranks": dict(ranks), "alphas": dict(alphas)}
+    return s
