@@ -29,7 +29,7 @@ def kind_of(module: nn.Module) -> str | None:
         return "embedding"
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return "conv"
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
+    if any(c.__name__ == "Conv1D" for c in type(module).__mro__) and hasattr(module, "nf"):
         return "conv1d_t"
     return None
 

@@ -3,7 +3,9 @@
 Keys are ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (embeddings:
 ``.lora_embedding_A`` / ``_B``, no ``.weight``); modules_to_save and trained biases are stored
 under their module's own key. r comes from the tensors; alpha from ``lora_alpha`` unless an
-``alpha_pattern`` key matches the module (PEFT's suffix-regex rule).
+``alpha_pattern`` key matches the module (PEFT's suffix-regex rule). A targeted embedding's frozen
+``<module>.base_layer.weight``, which PEFT saves by default, is base-model state: only its shape is
+kept, as the module's fingerprint.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ def read(tensors: dict, config: dict, source: str) -> Adapter:
             role = (m.group(2) or m.group(4))[-1]
             parts.setdefault(path, {"kind": "embedding" if m.group(3) else None})[role] = t
             continue
+        if base := re.fullmatch(r"(.+)\.base_layer\.weight", k):  # save_embedding_layers: check the base
+            a.fingerprint[base.group(1)] = list(t.shape)
+            continue
         if ".lora_" in k:
             raise LoraError(f"{source}: tensor {key!r} is a PEFT LoRA feature lorakit does not support "
                             "(DoRA magnitude, lora_bias or similar)")
@@ -65,6 +70,9 @@ def read(tensors: dict, config: dict, source: str) -> Adapter:
                             f"lora_{'A' if 'A' not in p else 'B'}; the file is incomplete")
         k = pattern_key(alpha_pattern, path)
         a.modules[path] = ModuleLora(p["A"], p["B"], alpha if k is None else alpha_pattern[k], p["kind"])
+    if stray := sorted(set(a.fingerprint) - set(parts)):
+        raise LoraError(f"{source}: tensor {PREFIX}{stray[0]}.base_layer.weight belongs to no LoRA module; the "
+                        "file is incomplete")
     r = Counter(m.r for m in a.modules.values()).most_common(1)[0][0] if a.modules else config.get("r", 8)
     targets = config.get("target_modules") or list(a.modules) or saved_names
     a.config = LoraConfig(r=r, alpha=alpha, dropout=config.get("lora_dropout", 0.0) or 0.0,

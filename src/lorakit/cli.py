@@ -1,0 +1,58 @@
+"""The lorakit command line: a thin layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import scale
+from .errors import LoraError
+from .io import read
+
+
+def inspect(path: str, allow_pickle: bool = False) -> str:
+    """A report of an adapter file or folder: format, base model, modules, ranks, alphas, size."""
+    a, fmt = read(path, allow_pickle=allow_pickle)
+    p = Path(path)
+    size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+    ranks = sorted({m.r for m in a.modules.values()})
+    alphas = sorted({m.alpha for m in a.modules.values()})
+    lines = [
+        f"file:        {path}",
+        f"format:      {fmt}",
+        f"base model:  {a.base_model or '(not recorded)'}",
+        f"modules:     {len(a.modules)} LoRA" + (f" + {len(a.saved)} saved in full" if a.saved else ""),
+        f"ranks:       {ranks}    alphas: {alphas}    rsLoRA: {a.use_rslora}",
+        f"parameters:  {a.num_params():,}",
+        f"size:        {size:,} bytes ({size / 2**20:.2f} MiB)",
+        "",
+        f"{'module':<60} {'kind':<10} {'r':>4} {'alpha':>8} {'scale':>8}",
+    ]
+    for name, m in a.modules.items():
+        lines.append(f"{name:<60} {m.kind or '?':<10} {m.r:>4} {m.alpha:>8g} {scale(m.r, m.alpha, a.use_rslora):>8.4g}")
+    for name, sd in a.saved.items():
+        lines.append(f"{name:<60} {'saved':<10} {sum(t.numel() for t in sd.values()):>,} params")
+    if a.biases:
+        lines.append(f"biases:      {len(a.biases)} trained biases")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA adapters: inspect, and more to come.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="describe an adapter file or PEFT folder")
+    p.add_argument("file")
+    p.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt files (weights only)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "inspect":
+            print(inspect(args.file, args.allow_pickle))
+    except LoraError as e:
+        print(f"lorakit: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
