@@ -212,13 +212,10 @@ class SavedModule(nn.Module):
         active = {n: w for n, w in self.lora_weights.items() if n in self.lora_copies}
         if not active or self.disabled:
             return own
-        out = {}
-        for key, base in own.items():
-            if not base.is_floating_point():
-                out[key] = self.lora_copies[next(iter(active))].state_dict(keep_vars=True)[key]
-                continue
-            out[key] = base + sum(w * (self.lora_copies[n].state_dict(keep_vars=True)[key] - base) for n, w in active.items())
-        return out
+        copies = {n: self.lora_copies[n].state_dict(keep_vars=True) for n in active}
+        first = copies[next(iter(active))]
+        return {key: base + sum(w * (copies[n][key] - base) for n, w in active.items()) if base.is_floating_point()
+                else first[key] for key, base in own.items()}
 
     def forward(self, *args, **kwargs):
         active = {n: w for n, w in self.lora_weights.items() if n in self.lora_copies}
