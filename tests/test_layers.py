@@ -358,3 +358,15 @@ def test_grouped_conv_rank_must_divide_groups():
     with pytest.raises(LoraError, match="groups=2"):
         lorakit.inject(net, LoraConfig(targets=["layer"], r=3))
     assert type(net.layer) is nn.Conv2d and lorakit.adapters(net) == []
+
+
+def test_merge_refuses_a_tied_weight():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    lorakit.inject(model, LoraConfig(targets=["wte"], init=False))
+    before = model.transformer.wte.weight.clone()
+    with pytest.raises(LoraError, match="tied to.*lm_head"):
+        lorakit.merge(model)
+    assert torch.equal(model.transformer.wte.weight, before)

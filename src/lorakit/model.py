@@ -102,6 +102,8 @@ def find_saved(model: nn.Module, names: list[str], targets: list[str]) -> list[s
 def add_adapter(model: nn.Module, name: str, ranks: dict[str, tuple[int, float]], config: LoraConfig,
                 saved: list[str], base_model: str | None = None):
     """Create adapter `name` with the given per-module (r, alpha), activate it alone; all or nothing."""
+    if any(m.lora_merged for m in lora_modules(model).values()):  # activating it would need an unmerge
+        raise LoraError("the model has merged adapters; unmerge(model) before adding another")
     modules = plain_modules(model)
     model.__dict__.setdefault("lora_adapters", {})
     try:
@@ -206,6 +208,7 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
     safe=True computes every merged weight first and refuses (changing nothing) if one is not finite.
     """
     layers = {n: m for n, m in lora_modules(model).items() if isinstance(m, LoraLayer) and not m.lora_merged}
+    _check_untied(model, {n for n, m in layers.items() if m.lora_weights})
     if safe:
         with torch.no_grad():
             new = {n: m.lora_merged_weight() for n, m in layers.items() if m.lora_weights}
@@ -218,6 +221,18 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
         for m in layers.values():
             m.lora_merge()
     return model
+
+
+def _check_untied(model: nn.Module, names: set[str]):
+    """Refuse to merge into a weight another module shares (tied embeddings): it would change both."""
+    users: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        users.setdefault(id(p), []).append(pname)
+    for n in names:
+        shared = users.get(id(getattr(model.get_submodule(n), "weight")), [])
+        if len(shared) > 1:
+            raise LoraError(f"the weight of {n!r} is tied to {[s for s in shared if s != n + '.weight']}; merging "
+                            "would change those too. Keep it unmerged, or untie the weights first")
 
 
 _merge = merge  # unload's `merge` flag shadows the function
