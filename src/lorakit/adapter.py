@@ -16,7 +16,7 @@ from torch import nn
 from .config import LoraConfig
 from .errors import LoraError
 from .layers import LoraLayer, SavedModule, factor_shapes, kind_of
-from .model import add_adapter, adapter_infos, check_name, lora_modules
+from .model import adapter_biases, add_adapter, adapter_infos, check_name, lora_modules
 from .targeting import closest, plain_modules
 
 
@@ -69,11 +69,7 @@ def from_model(model: nn.Module, name: str) -> Adapter:
         elif isinstance(m, SavedModule) and name in m.lora_copies:
             a.saved[path] = {k: cpu(v) for k, v in m.lora_copies[name].state_dict().items()}
     if cfg.bias != "none":
-        for pname, p in model.named_parameters():
-            module = pname.rsplit(".", 1)[0]
-            if pname.endswith(".bias") and "lora_copies" not in pname.split(".") and (
-                    cfg.bias == "all" or module in a.modules):
-                a.biases[module] = cpu(p)
+        a.biases = {path: cpu(b) for path, b in adapter_biases(model, name, cfg.bias).items()}
     return a
 
 
@@ -138,10 +134,14 @@ def apply(model: nn.Module, adapter: Adapter, name: str, source: str = "adapter"
         if set(sd) != set(own) or any(sd[k].shape != own[k].shape for k in sd):
             raise LoraError(f"{source}: saved module {path!r} has tensors {sorted((k, list(v.shape)) for k, v in sd.items())}, "
                             f"the model's has {sorted((k, list(v.shape)) for k, v in own.items())}")
+        if not all(torch.isfinite(v).all() for v in sd.values()):
+            raise LoraError(f"{source}: saved module {path!r} contains NaN or Inf values")
     for path, b in adapter.biases.items():
         bias = getattr(names[paths[path]], "bias", None)
         if not isinstance(bias, torch.Tensor) or bias.shape != b.shape:
             raise LoraError(f"{source}: bias of module {path!r} does not fit the model's")
+        if not torch.isfinite(b).all():
+            raise LoraError(f"{source}: bias of module {path!r} contains NaN or Inf values")
 
     if adapter.config is not None:
         cfg = dataclasses.replace(adapter.config, use_rslora=adapter.use_rslora)

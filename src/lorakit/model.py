@@ -43,6 +43,17 @@ def check_name(model: nn.Module, name: str):
         raise LoraError(f"the model already has an adapter named {name!r}; pick another name or delete() it first")
 
 
+def adapter_biases(model: nn.Module, name: str, mode: str) -> dict[str, nn.Parameter]:
+    """module path -> its own `bias` parameter, for the modules whose bias adapter `name` trains
+    ("all": every module; "lora_only": the modules it adapts). Never a factor or a copy."""
+    out = {}
+    for path, m in plain_modules(model).items():
+        bias = m._parameters.get("bias")
+        if bias is not None and (mode == "all" or (isinstance(m, LoraLayer) and name in m.lora_A)):
+            out[path] = bias
+    return out
+
+
 def _freeze_for(model: nn.Module):
     """Base frozen; the factors, copies and (bias-mode) biases of the active adapters trainable."""
     infos = adapter_infos(model)
@@ -53,10 +64,8 @@ def _freeze_for(model: nn.Module):
     train_bias = set()
     for name in active:
         cfg = infos[name]["config"]
-        if cfg.bias == "all":
-            train_bias |= {n for n, _ in model.named_parameters() if n.endswith("bias")}
-        elif cfg.bias == "lora_only":
-            train_bias |= {f"{p}.bias" for p, m in layers.items() if isinstance(m, LoraLayer) and name in m.lora_A}
+        if cfg.bias != "none":
+            train_bias |= {f"{p}.bias" for p in adapter_biases(model, name, cfg.bias)}
     for pname, p in model.named_parameters():
         parts = pname.split(".")
         if "lora_A" in parts or "lora_B" in parts or "lora_copies" in parts:

@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import warnings
-
 from ..adapter import Adapter, ModuleLora
-from ..errors import LoraError
+from ..errors import LoraError, warn
 
 DEFAULT_ALPHA = 1.0
 
@@ -17,8 +15,8 @@ def looks_like(tensors: dict) -> bool:
 
 def read(tensors: dict, source: str, alpha: float | None = None) -> Adapter:
     if alpha is None:
-        warnings.warn(f"{source}: loralib files carry no alpha; using loralib's default alpha=1 (scale 1/r). "
-                      "Pass alpha= to load() to match the value used in training.", stacklevel=3)
+        warn(f"{source}: loralib files carry no alpha; using loralib's default alpha=1 (scale 1/r). "
+             "Pass alpha= to load() to match the value used in training.")
         alpha = DEFAULT_ALPHA
     a, parts = Adapter({}), {}
     for key, t in tensors.items():
