@@ -150,3 +150,43 @@ def test_all_linear_targets_the_same_modules_as_peft(arch):
     chosen = {n for n, r in lorakit_layout(model).items() if r != "saved"}
     assert chosen == {n for n, r in peft_layout(peft_model).items() if r != "saved"}
     assert not any(n in chosen for n in ("lm_head", "classifier"))
+
+
+class ConvNet(torch.nn.Module):
+    """A plain (non-transformers) model with the layer kinds PEFT and lorakit share beyond Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 4)
+        self.conv1 = torch.nn.Conv1d(4, 6, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(6, 8, 3, stride=2, padding=1)
+        self.lin = torch.nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = self.conv1(self.emb(ids).transpose(1, 2))  # (b, 6, t)
+        h = self.conv2(torch.relu(h).unsqueeze(-1).expand(-1, -1, -1, 5))
+        return self.lin(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("direction", ["peft_to_lorakit", "lorakit_to_peft"])
+def test_conv_and_embedding_layers_match_peft(tmp_path, direction):
+    torch.manual_seed(0)
+    base = ConvNet().eval()
+    ids = torch.randint(0, 20, (2, 9))
+    cfg = lorakit.LoraConfig(r=2, alpha=6, init=False, targets=["emb", "conv1", "conv2", "lin"])
+    if direction == "peft_to_lorakit":
+        src = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+            r=2, lora_alpha=6, init_lora_weights=False, target_modules=cfg.targets)).eval()
+        src.save_pretrained(tmp_path)
+        dst = copy.deepcopy(base)
+        lorakit.load(dst, tmp_path)
+    else:
+        src = lorakit.inject(copy.deepcopy(base), cfg)
+        lorakit.save(src, tmp_path / "a", format="peft")
+        dst = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a").eval()
+    with torch.no_grad():
+        want = src(ids)
+        assert not torch.allclose(want, base(ids), atol=1e-3)
+        torch.testing.assert_close(dst(ids), want, **TOL)
+        lorakit.merge(dst if direction == "peft_to_lorakit" else src)
+        torch.testing.assert_close(dst(ids), src(ids), **TOL)
