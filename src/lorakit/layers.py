@@ -103,10 +103,11 @@ class LoraLayer(nn.Module):
             d.pop(name, None)
 
     # --- the math ------------------------------------------------------------------------------
-    def lora_factors(self, weights: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A and B of the weighted sum of `weights`' adapters, stacked along the rank."""
-        A = [self.lora_A[n] for n in weights]
-        B = [self.lora_B[n] if (c := w * self.lora_scale[n]) == 1 else self.lora_B[n] * c for n, w in weights.items()]
+    def lora_factors(self, weights: dict[str, float], dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B of the weighted sum of `weights`' adapters, stacked along the rank (w·s folded into B)."""
+        A = [self.lora_A[n].to(dtype) for n in weights]
+        B = [b if (c := w * self.lora_scale[n]) == 1 else b * c
+             for n, w in weights.items() for b in [self.lora_B[n].to(dtype)]]
         if len(A) == 1:
             return A[0], B[0]
         if self.lora_kind == "conv" and self.groups > 1:  # keep each group's rank rows together
@@ -117,9 +118,8 @@ class LoraLayer(nn.Module):
 
     def lora_delta(self, weights: dict[str, float]) -> torch.Tensor:
         """ΔW = Σ w·s·B·A in the layout of `self.weight` (computed in fp32 for half-precision bases)."""
-        A, B = self.lora_factors(weights)
-        if A.dtype in (torch.float16, torch.bfloat16):
-            A, B = A.float(), B.float()
+        half = self.weight.dtype in (torch.float16, torch.bfloat16)
+        A, B = self.lora_factors(weights, torch.float32 if half else None)
         if self.lora_kind == "linear":
             return B @ A
         if self.lora_kind in ("conv1d_t", "embedding"):
