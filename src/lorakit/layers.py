@@ -96,6 +96,9 @@ class LoraLayer(nn.Module):
         self.lora_scale[name] = scale
         self.lora_dropout[name] = 0.0 if self.lora_kind == "embedding" else dropout
 
+    def lora_names(self) -> list[str]:
+        return list(self.lora_A)
+
     def lora_remove(self, name: str):
         for d in (self.lora_A, self.lora_B):
             del d[name]
@@ -201,6 +204,9 @@ class SavedModule(nn.Module):
 
     def lora_add_copy(self, name: str, original: nn.Module):
         self.lora_copies[name] = original
+
+    def lora_names(self) -> list[str]:
+        return list(self.lora_copies)
 
     def lora_remove(self, name: str):
         del self.lora_copies[name]

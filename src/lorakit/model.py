@@ -137,9 +137,9 @@ def add_adapter(model: nn.Module, name: str, ranks: dict[str, tuple[int, float]]
 
 def _remove(model: nn.Module, name: str):
     for m in lora_modules(model).values():
-        if name in (m.lora_A if isinstance(m, LoraLayer) else m.lora_copies):
+        if name in m.lora_names():
             m.lora_remove(name)
-        if not (m.lora_A if isinstance(m, LoraLayer) else m.lora_copies):
+        if not m.lora_names():
             swap_out(m)
     for m in model.modules():
         getattr(m, "lora_adapters", {}).pop(name, None)
@@ -178,7 +178,7 @@ def set_weights(model: nn.Module, weights: dict[str, float] | list[str] | str) -
     if any(m.lora_merged for m in layers.values()):
         raise LoraError("the model has merged adapters; unmerge(model) before changing the active set")
     for m in layers.values():
-        have = m.lora_A if isinstance(m, LoraLayer) else m.lora_copies
+        have = m.lora_names()
         m.lora_weights = {n: float(w) for n, w in weights.items() if n in have}
     _freeze_for(model)
     return model
