@@ -11,7 +11,6 @@ kept, as the module's fingerprint.
 from __future__ import annotations
 
 import re
-from collections import Counter
 
 from ..adapter import Adapter, ModuleLora
 from ..config import LoraConfig, pattern_key
@@ -73,7 +72,7 @@ def read(tensors: dict, config: dict, source: str) -> Adapter:
     if stray := sorted(set(a.fingerprint) - set(parts)):
         raise LoraError(f"{source}: tensor {PREFIX}{stray[0]}.base_layer.weight belongs to no LoRA module; the "
                         "file is incomplete")
-    r = Counter(m.r for m in a.modules.values()).most_common(1)[0][0] if a.modules else config.get("r", 8)
+    r = a.common()[0] if a.modules else config.get("r", 8)
     targets = config.get("target_modules") or list(a.modules) or saved_names
     a.config = LoraConfig(r=r, alpha=alpha, dropout=config.get("lora_dropout", 0.0) or 0.0,
                           targets=targets if isinstance(targets, str) else list(targets),
