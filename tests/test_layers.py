@@ -117,6 +117,17 @@ def test_training_changes_adapter_parameters_only(kind, option):
             assert torch.equal(p, before[n]), f"base parameter {n} changed"
 
 
+@pytest.mark.parametrize("kind,option", CASES)
+def test_save_load_round_trip(kind, option, tmp_path):
+    base, net, x = adapted(kind, option, dropout=0.1)
+    lorakit.save(net, tmp_path / "a.safetensors")
+    fresh = copy.deepcopy(base)
+    assert lorakit.load(fresh, tmp_path / "a.safetensors") == "a"
+    with torch.no_grad():
+        close(fresh(x), net(x), rtol=0, atol=0)
+    assert fresh.layer.lora_dropout["a"] == net.layer.lora_dropout["default"]
+
+
 @pytest.mark.parametrize("kind", LAYERS)
 def test_disabled_equals_base(kind):
     base, net, x = adapted(kind)
