@@ -3,23 +3,8 @@
 import importlib.util
 
 import pytest
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lorakit import LoraError, pretrained
-
-
-def save_tiny(folder):
-    """A tiny Llama and a word-level tokenizer, saved as an ordinary transformers folder."""
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(folder)
-    vocab = {w: i for i, w in enumerate(["<unk>", "</s>", "a", "b", "c"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture
@@ -28,7 +13,7 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def test_a_folder_loads_for_causal_lm_and_classification(tmp_path):
+def test_a_folder_loads_for_causal_lm_and_classification(tmp_path, save_tiny):
     folder = save_tiny(tmp_path / "m")
     model, tok, base = pretrained.load(str(folder))
     assert type(model).__name__ == "LlamaForCausalLM" and base == str(folder)
@@ -37,7 +22,7 @@ def test_a_folder_loads_for_causal_lm_and_classification(tmp_path):
     assert model.score.out_features == 3
 
 
-def test_a_gguf_file_is_converted_once_and_cached(tmp_path, cache, monkeypatch):
+def test_a_gguf_file_is_converted_once_and_cached(tmp_path, cache, monkeypatch, save_tiny):
     gguf = tmp_path / "tiny.gguf"
     gguf.write_bytes(b"GGUF stand-in")
     calls = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -38,16 +39,54 @@ def inspect(path: str, allow_pickle: bool = False) -> str:
     return "\n".join(lines)
 
 
+def add_config_flags(parser: argparse.ArgumentParser, cls):
+    """One --flag per dataclass field (defaults left unset, so a --config file can fill them)."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action="store_true", default=None)
+        else:
+            kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+            parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper())
+    parser.add_argument("--config", help="a YAML file with the same keys (flags given here win)")
+
+
+def config_from(args: argparse.Namespace, cls):
+    """The dataclass `cls` built from a --config YAML file overlaid with the flags given."""
+    values = {}
+    if args.config:
+        import yaml
+
+        values = yaml.safe_load(Path(args.config).read_text()) or {}
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        known = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(values) - known):
+            raise LoraError(f"{args.config}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+    values.update({k: v for k, v in vars(args).items() if v is not None and k not in ("command", "config")})
+    if isinstance(values.get("targets"), str) and values["targets"] != "all-linear":
+        values["targets"] = [t for t in values["targets"].split(",") if t]
+    return cls(**values)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA adapters: inspect, and more to come.")
+    from .train import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA adapters: train, inspect.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="describe an adapter file or PEFT folder")
     p.add_argument("file")
     p.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt files (weights only)")
+    add_config_flags(sub.add_parser("train", help="train a LoRA (or a full fine-tune) on a language model"),
+                     TrainConfig)
     args = parser.parse_args(argv)
     try:
         if args.command == "inspect":
             print(inspect(args.file, args.allow_pickle))
+        elif args.command == "train":
+            from .train import train
+
+            result = train(config_from(args, TrainConfig))
+            print("\n".join(f"{k}: {v}" for k, v in result.items()))
     except LoraError as e:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,325 @@
+"""Training LoRA (or, for comparison, every weight) on causal-LM or classification data, on accelerate.
+
+Deterministic by construction: the example order of every step is a function of (seed, step), so a
+resumed run sees exactly the batches an uninterrupted one would, and N processes each take a slice
+of the same global batch. The loss is a sum over loss tokens (or examples) divided by their count
+in the whole global batch, so the gradient does not depend on how the batch was split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import data as datalib
+from . import pretrained
+from .config import LoraConfig
+from .errors import LoraError
+from .io import atomic_write, save
+from .model import inject, summary
+from .targeting import output_heads
+
+
+@dataclass
+class TrainConfig:
+    model: str = "smollm2-135m"
+    data: str = ""
+    task: str = "causal-lm"  # or "classify"
+    out: str = "run"
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.05
+    targets: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lr: float = 2e-4
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 8  # examples per process per micro-step
+    grad_accum: int = 1
+    max_length: int = 256
+    eval_data: str | None = None
+    eval_every: int = 0
+    save_every: int = 0
+    keep: int = 2  # checkpoints kept
+    resume: bool = False
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    precision: str = "fp32"  # or "bf16"
+    full_finetune: bool = False
+    schedule: str = "cosine"  # or "linear", "constant"
+    warmup: float = 0.05  # fraction of the steps
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    skip_bad: bool = False
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The parameters being trained, by name (what a checkpoint must hold)."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def step_indices(n: int, seed: int, step: int, per_step: int) -> list[int]:
+    """The example indices of global step `step`: epochs are seeded permutations laid end to end."""
+    out, start = [], step * per_step
+    while len(out) < per_step:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+        out += perm[offset: offset + per_step - len(out)]
+    return out
+
+
+def loss_sum(model, batch: dict, task: str) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """(sum of per-token or per-example losses, how many, logits) for one micro-batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if task == "causal-lm":
+        labels = batch["labels"][:, 1:]
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                               reduction="sum")
+        return loss, int((labels != -100).sum()), logits
+    return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), len(batch["labels"]), logits
+
+
+@torch.no_grad()
+def evaluate(model, rows: list[dict], task: str, pad_id: int, batch_size: int) -> dict:
+    """Mean loss and perplexity (causal LM) or accuracy (classification) over `rows`."""
+    was_training = model.training
+    model.eval()
+    total, count, correct = 0.0, 0, 0
+    for i in range(0, len(rows), batch_size):
+        batch = datalib.collate(rows[i: i + batch_size], pad_id)
+        loss, n, logits = loss_sum(model, batch, task)
+        total, count = total + loss.item(), count + n
+        if task == "classify":
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+    model.train(was_training)
+    out = {"eval_loss": total / max(count, 1)}
+    if task == "causal-lm":
+        out["eval_ppl"] = math.exp(min(out["eval_loss"], 50))
+    else:
+        out["eval_accuracy"] = correct / max(count, 1)
+    return out
+
+
+def n_targets(batch: dict, task: str) -> int:
+    """How many loss terms a micro-batch contributes (loss tokens, or examples)."""
+    return int((batch["labels"][:, 1:] != -100).sum()) if task == "causal-lm" else len(batch["labels"])
+
+
+def checkpoints(out: Path) -> list[Path]:
+    return sorted((out / "checkpoints").glob("step-*"))
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train per `cfg`. Writes RUN/adapter.safetensors (or RUN/model/ for a full fine-tune),
+    RUN/metrics.jsonl, RUN/loss.png, RUN/README.md (model card) and RUN/checkpoints/step-N/."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    # a multi-process launch on a machine without GPUs runs DDP on the CPU (gloo)
+    on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    acc = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=on_cpu)
+    world, rank = acc.num_processes, acc.process_index
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    examples, skipped = datalib.read_examples(cfg.data, skip_bad=cfg.skip_bad)
+    labels = datalib.label_names(examples) if cfg.task == "classify" else None
+    model, tokenizer, base = pretrained.load(cfg.model, cfg.task, num_labels=len(labels or [0, 1]))
+    rows = encode(examples, tokenizer, cfg, labels)
+    eval_rows = encode(datalib.read_examples(cfg.eval_data, skip_bad=cfg.skip_bad)[0], tokenizer, cfg, labels) \
+        if cfg.eval_data else []
+    pad_id = tokenizer.pad_token_id
+
+    if cfg.full_finetune:
+        model.requires_grad_(True)
+    else:
+        heads = sorted(output_heads(model)) if cfg.task == "classify" else []
+        inject(model, LoraConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
+                                 modules_to_save=heads))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(rows) / per_step))
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=round(cfg.warmup * total), num_training_steps=total)
+    model, opt = acc.prepare(model, opt)
+    plain = acc.unwrap_model(model)
+
+    start = 0
+    if cfg.resume and checkpoints(out):
+        start = load_checkpoint(checkpoints(out)[-1], plain, opt, sched, rank)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        history = [m for m in read_metrics(out) if m["step"] <= start] if start else []
+        write_metrics(out, history)
+        print(summary(plain) if not cfg.full_finetune else f"full fine-tune: {n_trainable:,} trainable params")
+        if skipped:
+            print(f"skipped {skipped} bad lines in {cfg.data}")
+
+    bar = tqdm(total=total, initial=start, disable=not acc.is_main_process, desc="train")
+    t0, tokens = time.time(), 0
+    for step in range(start, total):
+        idx = step_indices(len(rows), cfg.seed, step, per_step)
+        size = cfg.batch_size * world
+        micro = [idx[k * size + rank * cfg.batch_size:k * size + (rank + 1) * cfg.batch_size]
+                 for k in range(cfg.grad_accum)]
+        batches = [datalib.collate([rows[i] for i in m], pad_id) for m in micro]
+        count = acc.reduce(torch.tensor(float(sum(n_targets(b, cfg.task) for b in batches))), "sum").item()
+        running = 0.0
+        for k, b in enumerate(batches):
+            sync = acc.no_sync(model) if k < len(batches) - 1 else contextlib.nullcontext()
+            with sync, acc.autocast():
+                loss, _, _ = loss_sum(model, b, cfg.task)
+                acc.backward(loss * world / max(count, 1))
+            running += loss.item()
+            tokens += int(b["attention_mask"].sum())
+        if cfg.max_grad_norm:
+            acc.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step_loss = acc.reduce(torch.tensor(running), "sum").item() / max(count, 1)
+        rate = tokens * world / max(time.time() - t0, 1e-9)
+        record = {"step": step + 1, "loss": step_loss, "lr": sched.get_last_lr()[0], "tokens_per_s": rate}
+        if cfg.eval_every and eval_rows and (step + 1) % cfg.eval_every == 0 and acc.is_main_process:
+            record.update(evaluate(plain, eval_rows, cfg.task, pad_id, cfg.batch_size))
+        if acc.is_main_process:
+            append_metrics(out, record)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{rate:.0f}")
+        bar.update(1)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+            save_checkpoint(out, step + 1, plain, opt, sched, acc, cfg.keep)
+    bar.close()
+
+    result = {"steps": total, "trainable_params": n_trainable, "total_params": n_total, "skipped": skipped}
+    if acc.is_main_process:
+        if eval_rows:
+            result.update(evaluate(plain, eval_rows, cfg.task, pad_id, cfg.batch_size))
+        history = read_metrics(out)
+        result["final_loss"] = history[-1]["loss"] if history else None
+        if cfg.full_finetune:
+            plain.save_pretrained(out / "model")
+            tokenizer.save_pretrained(out / "model")
+        else:
+            result["adapter"] = str(save(plain, out / "adapter.safetensors", base_model=base))
+            result["adapter_bytes"] = (out / "adapter.safetensors").stat().st_size
+        plot_loss(history, out / "loss.png")
+        write_card(out, cfg, result, labels)
+    acc.wait_for_everyone()
+    return result
+
+
+def encode(examples: list[dict], tokenizer, cfg: TrainConfig, labels) -> list[dict]:
+    """Token rows for the task (causal LM rows whose loss tokens were all truncated are dropped)."""
+    if cfg.task == "causal-lm":
+        return datalib.tokenize_causal(examples, tokenizer, cfg.max_length)[0]
+    return datalib.tokenize_classify(examples, tokenizer, cfg.max_length, labels)[0]
+
+
+# --- checkpoints: trainable tensors, optimizer, schedule and every process's RNG state -------------
+def save_checkpoint(out: Path, step: int, model, opt, sched, acc, keep: int):
+    from safetensors.torch import save_file
+
+    final = out / "checkpoints" / f"step-{step:06d}"
+    tmp = out / "checkpoints" / f".step-{step:06d}.tmp"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "state.pt")
+    acc.wait_for_everyone()
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / f"rng-{acc.process_index}.pt")
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        os.replace(tmp, final)
+        for old in checkpoints(out)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    acc.wait_for_everyone()
+
+
+def load_checkpoint(path: Path, model, opt, sched, rank: int) -> int:
+    """Restore a checkpoint in place; returns the step it was taken at."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "trainable.safetensors"))
+    own = dict(model.named_parameters())
+    missing = [n for n, p in own.items() if p.requires_grad and n not in tensors]
+    if missing or any(n not in own for n in tensors):
+        raise LoraError(f"{path} does not match this run's trainable parameters (e.g. {(missing or list(tensors))[0]!r}); "
+                        "resume with the same model and LoRA settings")
+    with torch.no_grad():
+        for n, t in tensors.items():
+            own[n].copy_(t)
+    state = torch.load(path / "state.pt", weights_only=True)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    rng = torch.load(path / f"rng-{rank}.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    return state["step"]
+
+
+# --- metrics, loss curve, model card --------------------------------------------------------------
+def read_metrics(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def write_metrics(out: Path, records: list[dict]):
+    atomic_write(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)))
+
+
+def append_metrics(out: Path, record: dict):
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def plot_loss(history: list[dict], path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([m["step"] for m in history], [m["loss"] for m in history], label="train loss")
+    evals = [m for m in history if "eval_loss" in m]
+    if evals:
+        ax.plot([m["step"] for m in evals], [m["eval_loss"] for m in evals], "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def write_card(out: Path, cfg: TrainConfig, result: dict, labels):
+    import yaml
+
+    front = {"base_model": cfg.model, "library_name": "lorakit", "task": cfg.task,
+             "r": None if cfg.full_finetune else cfg.r, "alpha": None if cfg.full_finetune else cfg.alpha,
+             "targets": "all weights" if cfg.full_finetune else cfg.targets, "data": cfg.data,
+             "steps": result["steps"], "trainable_params": result["trainable_params"],
+             "metrics": {k: v for k, v in result.items() if k.startswith(("eval_", "final_"))}}
+    if labels:
+        front["labels"] = list(labels)
+    body = (f"# {out.name}\n\nA {'full fine-tune' if cfg.full_finetune else 'LoRA adapter'} of `{cfg.model}` trained with "
+            f"lorakit on `{cfg.data}` for {result['steps']} steps.\n\nTraining settings:\n\n```yaml\n"
+            f"{yaml.safe_dump(asdict(cfg), sort_keys=False)}```\n")
+    text = f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n{body}"
+    atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text(text))

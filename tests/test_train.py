@@ -1,0 +1,117 @@
+"""`lorakit train`: outputs, model card, exact resume, 2-process DDP == 1 process, classification."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from lorakit import LoraError, train as trainmod
+from lorakit.cli import main
+from lorakit.train import TrainConfig, train
+
+
+@pytest.fixture
+def setup(tmp_path, save_tiny):
+    save_tiny(tmp_path / "m")
+    lines = [{"text": " ".join("abc"[(i + k) % 3] for k in range(9))} for i in range(40)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return tmp_path
+
+
+def config(tmp, **kw):
+    base = dict(model=str(tmp / "m"), data=str(tmp / "train.jsonl"), out=str(tmp / "run"), targets="all-linear",
+                r=4, alpha=8, lr=1e-2, max_steps=12, batch_size=4, dropout=0.1, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_training_writes_adapter_metrics_curve_and_card(setup):
+    result = train(config(setup, eval_data=str(setup / "train.jsonl"), eval_every=6))
+    run = setup / "run"
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 13))
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.1  # it learns
+    assert {"lr", "tokens_per_s"} <= set(metrics[0]) and "eval_ppl" in metrics[5]
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    front = yaml.safe_load((run / "README.md").read_text().split("---")[1])
+    assert front["library_name"] == "lorakit" and front["base_model"] == str(setup / "m")
+    assert (front["r"], front["alpha"], front["targets"], front["steps"]) == (4, 8, "all-linear", 12)
+    assert front["data"] == str(setup / "train.jsonl") and front["metrics"]["eval_loss"] == result["eval_loss"]
+    assert result["adapter_bytes"] == (run / "adapter.safetensors").stat().st_size < 20_000
+
+
+def test_resume_after_a_kill_gives_the_identical_adapter(setup, monkeypatch):
+    train(config(setup, out=str(setup / "whole")))
+    want = load_file(str(setup / "whole" / "adapter.safetensors"))
+
+    real = trainmod.append_metrics
+
+    def die_at_step_8(out, record):
+        if record["step"] == 8:
+            raise KeyboardInterrupt
+        real(out, record)
+
+    monkeypatch.setattr(trainmod, "append_metrics", die_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(setup, save_every=5))
+    monkeypatch.setattr(trainmod, "append_metrics", real)
+    assert [p.name for p in (setup / "run" / "checkpoints").iterdir()] == ["step-000005"]
+    train(config(setup, save_every=5, resume=True))
+    got = load_file(str(setup / "run" / "adapter.safetensors"))
+    assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in want)
+    steps = [json.loads(x)["step"] for x in (setup / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(setup):
+    one = config(setup, out=str(setup / "one"), batch_size=4, dropout=0.0)
+    train(one)
+    args = ["--model", one.model, "--data", one.data, "--out", str(setup / "two"), "--targets", "all-linear",
+            "--r", "4", "--alpha", "8", "--lr", "0.01", "--max-steps", "12", "--batch-size", "2",
+            "--dropout", "0", "--seed", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "-m", "lorakit.cli", "train", *args], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = load_file(str(setup / "one" / "adapter.safetensors"))
+    b = load_file(str(setup / "two" / "adapter.safetensors"))
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= 1e-5 * max(1.0, a[k].abs().max().item()), k
+
+
+def test_classification_trains_the_head_and_reports_accuracy(setup):
+    rows = [{"text": "a a a b" if i % 2 else "c c c b", "label": "yes" if i % 2 else "no"} for i in range(32)]
+    (setup / "cls.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    result = train(config(setup, task="classify", data=str(setup / "cls.jsonl"), eval_data=str(setup / "cls.jsonl"),
+                          targets=["q_proj", "v_proj"], max_steps=15))
+    assert result["eval_accuracy"] == 1.0
+    front = yaml.safe_load((setup / "run" / "README.md").read_text().split("---")[1])
+    assert front["labels"] == ["no", "yes"]
+    assert any(k.startswith("saved.score.") for k in load_file(str(setup / "run" / "adapter.safetensors")))
+
+
+def test_full_finetune_trains_every_weight(setup):
+    result = train(config(setup, full_finetune=True, max_steps=2))
+    assert result["trainable_params"] == result["total_params"]
+    assert (setup / "run" / "model" / "config.json").exists()
+
+
+def test_cli_reads_a_yaml_config_and_flags_win(setup, capsys):
+    cfg = {"model": str(setup / "m"), "data": str(setup / "train.jsonl"), "out": str(setup / "cli"), "r": 2,
+           "max_steps": 3, "batch_size": 4, "targets": "q_proj,v_proj"}
+    (setup / "run.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", "--config", str(setup / "run.yaml"), "--r", "3"]) == 0
+    front = yaml.safe_load((setup / "cli" / "README.md").read_text().split("---")[1])
+    assert front["r"] == 3 and front["targets"] == ["q_proj", "v_proj"] and front["steps"] == 3
+    (setup / "bad.yaml").write_text("modle: x\n")
+    assert main(["train", "--config", str(setup / "bad.yaml")]) == 2
+    assert "unknown key 'modle'" in capsys.readouterr().err
+
+
+def test_bad_data_fails_with_file_and_line(setup):
+    (setup / "bad.jsonl").write_text('{"text": "a b"}\n{"txt": "a"}\n')
+    with pytest.raises(LoraError, match="bad.jsonl:2"):
+        train(config(setup, data=str(setup / "bad.jsonl")))
