@@ -68,6 +68,22 @@ def config_from(args: argparse.Namespace, cls):
     return cls(**values)
 
 
+def run_generate(args):
+    from .generate import complete, load_model
+
+    model, tokenizer = load_model(args.model, args.adapter, args.merge)
+    kw = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, chat=args.chat)
+    if args.prompt:
+        for prompt, text in zip(args.prompt, complete(model, tokenizer, args.prompt, **kw)):
+            print(f">>> {prompt}\n{text}\n")
+        return
+    if not args.chat:
+        raise LoraError("give --prompt TEXT, or --chat to type prompts")
+    for line in sys.stdin:
+        if line.strip():
+            print(complete(model, tokenizer, [line.strip()], **kw)[0], flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .train import TrainConfig
 
@@ -78,6 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt files (weights only)")
     add_config_flags(sub.add_parser("train", help="train a LoRA (or a full fine-tune) on a language model"),
                      TrainConfig)
+    g = sub.add_parser("generate", help="generate text with weighted adapters on a base model")
+    g.add_argument("--model", help="base model (default: the one recorded in the first adapter)")
+    g.add_argument("--adapter", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="an adapter and its weight (negative allowed); repeat to stack")
+    g.add_argument("--prompt", action="append", help="text to continue; repeat for several")
+    g.add_argument("--chat", action="store_true", help="use the chat template; without --prompt, read turns from stdin")
+    g.add_argument("--merge", action="store_true", help="merge the adapters into the weights first (faster)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--num-beams", type=int, default=1)
     args = parser.parse_args(argv)
     try:
         if args.command == "inspect":
@@ -87,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
 
             result = train(config_from(args, TrainConfig))
             print("\n".join(f"{k}: {v}" for k, v in result.items()))
+        elif args.command == "generate":
+            run_generate(args)
     except LoraError as e:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,77 @@
+"""Text generation with weighted adapters on a base model, and BLEU of generations against references."""
+
+from __future__ import annotations
+
+import torch
+
+from . import pretrained
+from .errors import LoraError
+from .io import load, read
+from .model import merge as merge_adapters
+from .model import set_weights
+
+
+def parse_adapter(spec: str) -> tuple[str, float]:
+    """"FILE" or "FILE:WEIGHT" -> (path, weight); the weight may be negative."""
+    path, sep, weight = spec.rpartition(":")
+    if sep:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def load_model(model: str | None, adapters: list[str], merge: bool = False):
+    """(model, tokenizer) with `adapters` ("FILE[:WEIGHT]") loaded and active with their weights.
+
+    Without `model`, the base model recorded in the first adapter is used."""
+    specs = [parse_adapter(a) for a in adapters]
+    if model is None:
+        if not specs:
+            raise LoraError("give --model, or an --adapter whose file records its base model")
+        model = read(specs[0][0])[0].base_model
+        if not model:
+            raise LoraError(f"{specs[0][0]} does not record its base model; give --model")
+    m, tokenizer, _ = pretrained.load(model)
+    weights = {load(m, path): w for path, w in specs}
+    if weights:
+        set_weights(m, weights)
+        if merge:
+            merge_adapters(m)
+    return m.eval(), tokenizer
+
+
+@torch.no_grad()
+def complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, num_beams: int = 1,
+             chat: bool = False, batch_size: int = 8) -> list[str]:
+    """Greedy (or beam) continuations of `prompts`, raw or as user turns of the chat template."""
+    outs = []
+    tokenizer.padding_side = "left"
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i: i + batch_size]
+        if chat:
+            chunk = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                   add_generation_prompt=True) for p in chunk]
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=not chat)
+        ids = model.generate(**enc, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        outs += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [o.strip() for o in outs]
+
+
+def bleu(model, tokenizer, examples: list[dict], max_new_tokens: int = 64, num_beams: int = 1) -> dict:
+    """Corpus BLEU (sacrebleu) of generations for each distinct prompt, against all its references."""
+    import sacrebleu
+
+    refs: dict[str, list[str]] = {}
+    for ex in examples:
+        if "prompt" not in ex:
+            raise LoraError("BLEU needs prompt/completion examples (or E2E 'MR||reference' lines)")
+        refs.setdefault(ex["prompt"], []).append(ex["completion"])
+    prompts = list(refs)
+    hyps = complete(model, tokenizer, prompts, max_new_tokens, num_beams)
+    n = max(len(r) for r in refs.values())
+    streams = [[refs[p][k] if k < len(refs[p]) else refs[p][0] for p in prompts] for k in range(n)]
+    score = sacrebleu.corpus_bleu(hyps, streams)
+    return {"bleu": score.score, "prompts": len(prompts), "samples": list(zip(prompts[:3], hyps[:3]))}
