@@ -10,7 +10,8 @@ def _save_tiny(folder):
     """A tiny Llama and a word-level tokenizer, saved as an ordinary transformers folder."""
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(folder)
+                                 num_attention_heads=2, num_key_value_heads=2, bos_token_id=1,
+                                 eos_token_id=1)).save_pretrained(folder)  # </s> is id 1 below
     vocab = {w: i for i, w in enumerate(["<unk>", "</s>", "a", "b", "c"])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -115,3 +115,12 @@ def test_bad_data_fails_with_file_and_line(setup):
     (setup / "bad.jsonl").write_text('{"text": "a b"}\n{"txt": "a"}\n')
     with pytest.raises(LoraError, match="bad.jsonl:2"):
         train(config(setup, data=str(setup / "bad.jsonl")))
+
+
+def test_eval_reports_before_and_after_and_bleu(setup):
+    rows = [{"prompt": "a b", "completion": " c a b c"}, {"prompt": "b c", "completion": " a b c a"}] * 8
+    (setup / "pc.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    result = train(config(setup, data=str(setup / "pc.jsonl"), eval_data=str(setup / "pc.jsonl"), eval_bleu=True,
+                          max_length=12, max_steps=120, lr=3e-2, full_finetune=True))
+    assert result["eval_loss"] < result["eval_loss_before"] - 0.5
+    assert result["eval_bleu_before"] < 50 and result["eval_bleu"] == pytest.approx(100)  # learned by heart

@@ -60,6 +60,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     skip_bad: bool = False
+    eval_bleu: bool = False  # also generate for each eval prompt and score BLEU (before and after)
+    num_beams: int = 1
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -171,6 +173,12 @@ def train(cfg: TrainConfig) -> dict:
         if skipped:
             print(f"skipped {skipped} bad lines in {cfg.data}")
 
+    before = {}
+    if eval_rows and acc.is_main_process and not start:
+        before = {f"{k}_before": v for k, v in evaluate(plain, eval_rows, cfg.task, pad_id, cfg.batch_size).items()}
+        if cfg.eval_bleu:
+            before["eval_bleu_before"] = eval_bleu(plain, tokenizer, cfg)
+        print("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
     bar = tqdm(total=total, initial=start, disable=not acc.is_main_process, desc="train")
     t0, tokens = time.time(), 0
     for step in range(start, total):
@@ -206,10 +214,12 @@ def train(cfg: TrainConfig) -> dict:
             save_checkpoint(out, step + 1, plain, opt, sched, acc, cfg.keep)
     bar.close()
 
-    result = {"steps": total, "trainable_params": n_trainable, "total_params": n_total, "skipped": skipped}
+    result = {"steps": total, "trainable_params": n_trainable, "total_params": n_total, "skipped": skipped, **before}
     if acc.is_main_process:
         if eval_rows:
             result.update(evaluate(plain, eval_rows, cfg.task, pad_id, cfg.batch_size))
+            if cfg.eval_bleu:
+                result["eval_bleu"] = eval_bleu(plain, tokenizer, cfg)
         history = read_metrics(out)
         result["final_loss"] = history[-1]["loss"] if history else None
         if cfg.full_finetune:
@@ -222,6 +232,18 @@ def train(cfg: TrainConfig) -> dict:
         write_card(out, cfg, result, labels)
     acc.wait_for_everyone()
     return result
+
+
+def eval_bleu(model, tokenizer, cfg: TrainConfig) -> float:
+    """BLEU of greedy/beam generations for the eval prompts against all their references."""
+    from .generate import bleu
+
+    was_training = model.training
+    model.eval()
+    score = bleu(model, tokenizer, datalib.read_examples(cfg.eval_data, skip_bad=cfg.skip_bad)[0],
+                 max_new_tokens=cfg.max_length, num_beams=cfg.num_beams)["bleu"]
+    model.train(was_training)
+    return score
 
 
 def encode(examples: list[dict], tokenizer, cfg: TrainConfig, labels) -> list[dict]:
