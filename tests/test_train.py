@@ -124,3 +124,17 @@ def test_eval_reports_before_and_after_and_bleu(setup):
                           max_length=12, max_steps=120, lr=3e-2, full_finetune=True))
     assert result["eval_loss"] < result["eval_loss_before"] - 0.5
     assert result["eval_bleu_before"] < 50 and result["eval_bleu"] == pytest.approx(100)  # learned by heart
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(setup):
+    train(config(setup, out=str(setup / "plain"), max_steps=4, dropout=0.0))
+    train(config(setup, out=str(setup / "ckpt"), max_steps=4, dropout=0.0, gradient_checkpointing=True))
+    a = load_file(str(setup / "plain" / "adapter.safetensors"))
+    b = load_file(str(setup / "ckpt" / "adapter.safetensors"))
+    assert all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
+
+
+def test_bf16_autocast_trains_fp32_adapters(setup):
+    result = train(config(setup, precision="bf16", max_steps=6))
+    assert result["final_loss"] < 2.8
+    assert {t.dtype for t in load_file(result["adapter"]).values()} == {__import__("torch").float32}

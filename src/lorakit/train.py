@@ -129,7 +129,10 @@ def train(cfg: TrainConfig) -> dict:
 
     # a multi-process launch on a machine without GPUs runs DDP on the CPU (gloo)
     on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    acc = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=on_cpu)
+    acc = Accelerator(cpu=on_cpu)  # bf16 is plain autocast below, so runs in one process may differ in precision
+    if cfg.precision not in ("fp32", "bf16"):
+        raise LoraError(f"precision {cfg.precision!r} is not one of 'fp32', 'bf16'")
+    autocast = lambda: torch.autocast(acc.device.type, torch.bfloat16, enabled=cfg.precision == "bf16")  # noqa: E731
     world, rank = acc.num_processes, acc.process_index
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
@@ -150,7 +153,11 @@ def train(cfg: TrainConfig) -> dict:
         inject(model, LoraConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
                                  modules_to_save=heads))
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}  # reentrant checkpointing would leave LoRA untrained (peft#1142)
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
@@ -191,7 +198,7 @@ def train(cfg: TrainConfig) -> dict:
         running = 0.0
         for k, b in enumerate(batches):
             sync = acc.no_sync(model) if k < len(batches) - 1 else contextlib.nullcontext()
-            with sync, acc.autocast():
+            with sync, autocast():
                 loss, _, _ = loss_sum(model, b, cfg.task)
                 acc.backward(loss * world / max(count, 1))
             running += loss.item()
