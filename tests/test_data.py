@@ -83,9 +83,9 @@ def test_e2e_lines_become_prompt_and_completion(tmp_path):
     path = write(tmp_path, "e2e.txt", ["name : The Vaults | Type : pub | near : Café Adriatic||The Vaults pub is "
                                        "near Café Adriatic .", "", "name : Rome | Type : city||Rome is a city ."])
     assert read_examples(path)[0] == [
-        {"prompt": "name : The Vaults | Type : pub | near : Café Adriatic",
-         "completion": "The Vaults pub is near Café Adriatic ."},
-        {"prompt": "name : Rome | Type : city", "completion": "Rome is a city ."}]
+        {"prompt": "name : The Vaults | Type : pub | near : Café Adriatic ||",
+         "completion": " The Vaults pub is near Café Adriatic ."},
+        {"prompt": "name : Rome | Type : city ||", "completion": " Rome is a city ."}]
 
 
 # --- reading: bad lines ---------------------------------------------------------------------------

@@ -95,7 +95,8 @@ def _e2e(text: str):
     for n, line in enumerate(text.split("\n"), 1):
         if line.strip():
             mr, sep, ref = line.partition("||")
-            yield n, ({"prompt": mr.strip(), "completion": ref.strip()} if sep else
+            # the file's own "||" stays as the separator a causal LM continues after
+            yield n, ({"prompt": f"{mr.strip()} ||", "completion": f" {ref.strip()}"} if sep else
                       _Bad("no '||' between the meaning representation and the reference; write lines like "
                            "'name : The Vaults | Type : pub||The Vaults is a pub.'"))
 
