@@ -53,7 +53,7 @@ def complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, num
         if chat:
             chunk = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                    add_generation_prompt=True) for p in chunk]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=not chat)
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=not chat).to(model.device)
         ids = model.generate(**enc, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
         outs += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

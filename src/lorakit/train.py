@@ -81,6 +81,8 @@ def step_indices(n: int, seed: int, step: int, per_step: int) -> list[int]:
 
 def loss_sum(model, batch: dict, task: str) -> tuple[torch.Tensor, int, torch.Tensor]:
     """(sum of per-token or per-example losses, how many, logits) for one micro-batch."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if task == "causal-lm":
         labels = batch["labels"][:, 1:]
