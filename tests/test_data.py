@@ -282,3 +282,9 @@ def test_files_to_batches_that_models_accept(tmp_path, tok):
                                                      num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tok),
                                                      num_labels=len(names), pad_token_id=tok.pad_token_id))
     assert clf(**collate(rows, tok.pad_token_id)).loss.isfinite()
+
+
+def test_tsv_quotes_are_text_as_in_glue_files(tmp_path):
+    path = tmp_path / "glue.tsv"
+    path.write_text('text\tlabel\n"quoted" start of a sentence\t1\nit \'s a "gem"\t1\n')
+    assert [e["text"] for e in read_examples(path)[0]] == ['"quoted" start of a sentence', 'it \'s a "gem"']

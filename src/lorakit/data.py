@@ -103,7 +103,9 @@ def _e2e(text: str):
 
 def _table(path: Path, text: str, delimiter: str):
     """(start line, row dict or _Bad) per data row of a CSV/TSV file; a label cell holding an integer becomes an int."""
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    # TSV files (GLUE and most corpora) are unquoted: a '"' in them is text, not quoting
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
     header = [h.strip() for h in next(reader, [])]
     if not header:
         return
@@ -116,8 +118,9 @@ def _table(path: Path, text: str, delimiter: str):
         if not any(cell.strip() for cell in row):
             continue
         if len(row) != len(header):
-            yield line, _Bad(f"{len(row)} fields but the header has {len(header)}; quote fields that contain "
-                             f"{delimiter!r} or a line break")
+            fix = "a tab inside a field cannot be written in TSV" if delimiter == "\t" else \
+                f"quote fields that contain {delimiter!r} or a line break"
+            yield line, _Bad(f"{len(row)} fields but the header has {len(header)}; {fix}")
             continue
         ex = dict(zip(header, row))
         if re.fullmatch(r"\s*-?\d+\s*", ex.get("label", "")):
