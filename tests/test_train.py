@@ -34,7 +34,8 @@ def test_training_writes_adapter_metrics_curve_and_card(setup):
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 13))
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.1  # it learns
-    assert {"lr", "tokens_per_s"} <= set(metrics[0]) and "eval_ppl" in metrics[5]
+    assert {"lr", "tokens_per_s", "step_s"} <= set(metrics[0]) and "eval_ppl" in metrics[5]
+    assert 0 < result["seconds_per_step"] < 10
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
     front = yaml.safe_load((run / "README.md").read_text().split("---")[1])
     assert front["library_name"] == "lorakit" and front["base_model"] == str(setup / "m")

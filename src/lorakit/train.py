@@ -189,8 +189,9 @@ def train(cfg: TrainConfig) -> dict:
             before["eval_bleu_before"] = eval_bleu(plain, tokenizer, cfg)
         print("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
     bar = tqdm(total=total, initial=start, disable=not acc.is_main_process, desc="train")
-    t0, tokens = time.time(), 0
+    t0, tokens, step_times = time.time(), 0, []
     for step in range(start, total):
+        t_step = time.time()
         idx = step_indices(len(rows), cfg.seed, step, per_step)
         size = cfg.batch_size * world
         micro = [idx[k * size + rank * cfg.batch_size:k * size + (rank + 1) * cfg.batch_size]
@@ -212,7 +213,9 @@ def train(cfg: TrainConfig) -> dict:
         opt.zero_grad(set_to_none=True)
         step_loss = acc.reduce(torch.tensor(running), "sum").item() / max(count, 1)
         rate = tokens * world / max(time.time() - t0, 1e-9)
-        record = {"step": step + 1, "loss": step_loss, "lr": sched.get_last_lr()[0], "tokens_per_s": rate}
+        step_times.append(time.time() - t_step)
+        record = {"step": step + 1, "loss": step_loss, "lr": sched.get_last_lr()[0], "tokens_per_s": rate,
+                  "step_s": step_times[-1]}
         if cfg.eval_every and eval_rows and (step + 1) % cfg.eval_every == 0 and acc.is_main_process:
             record.update(evaluate(plain, eval_rows, cfg.task, pad_id, cfg.batch_size))
         if acc.is_main_process:
@@ -223,7 +226,9 @@ def train(cfg: TrainConfig) -> dict:
             save_checkpoint(out, step + 1, plain, opt, sched, acc, cfg.keep)
     bar.close()
 
-    result = {"steps": total, "trainable_params": n_trainable, "total_params": n_total, "skipped": skipped, **before}
+    warm = sorted(step_times[1:] or step_times)  # the first step pays one-off costs
+    result = {"steps": total, "trainable_params": n_trainable, "total_params": n_total, "skipped": skipped,
+              "seconds_per_step": warm[len(warm) // 2] if warm else None, **before}
     if acc.is_main_process:
         if eval_rows:
             result.update(evaluate(plain, eval_rows, cfg.task, pad_id, cfg.batch_size))
