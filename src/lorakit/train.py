@@ -144,8 +144,8 @@ def train(cfg: TrainConfig) -> dict:
     labels = datalib.label_names(examples) if cfg.task == "classify" else None
     model, tokenizer, base = pretrained.load(cfg.model, cfg.task, num_labels=len(labels or [0, 1]))
     rows = encode(examples, tokenizer, cfg, labels)
-    eval_rows = encode(datalib.read_examples(cfg.eval_data, skip_bad=cfg.skip_bad)[0], tokenizer, cfg, labels) \
-        if cfg.eval_data else []
+    eval_examples = datalib.read_examples(cfg.eval_data, skip_bad=cfg.skip_bad)[0] if cfg.eval_data else []
+    eval_rows = encode(eval_examples, tokenizer, cfg, labels) if eval_examples else []
     pad_id = tokenizer.pad_token_id
 
     if cfg.full_finetune:
@@ -186,7 +186,7 @@ def train(cfg: TrainConfig) -> dict:
     if eval_rows and acc.is_main_process and not start:
         before = {f"{k}_before": v for k, v in evaluate(plain, eval_rows, cfg.task, pad_id, cfg.batch_size).items()}
         if cfg.eval_bleu:
-            before["eval_bleu_before"] = eval_bleu(plain, tokenizer, cfg)
+            before["eval_bleu_before"] = eval_bleu(plain, tokenizer, eval_examples, cfg)
         print("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
     bar = tqdm(total=total, initial=start, disable=not acc.is_main_process, desc="train")
     t0, tokens, step_times = time.time(), 0, []
@@ -233,7 +233,7 @@ def train(cfg: TrainConfig) -> dict:
         if eval_rows:
             result.update(evaluate(plain, eval_rows, cfg.task, pad_id, cfg.batch_size))
             if cfg.eval_bleu:
-                result["eval_bleu"] = eval_bleu(plain, tokenizer, cfg)
+                result["eval_bleu"] = eval_bleu(plain, tokenizer, eval_examples, cfg)
         history = read_metrics(out)
         result["final_loss"] = history[-1]["loss"] if history else None
         if cfg.full_finetune:
@@ -248,14 +248,13 @@ def train(cfg: TrainConfig) -> dict:
     return result
 
 
-def eval_bleu(model, tokenizer, cfg: TrainConfig) -> float:
+def eval_bleu(model, tokenizer, examples: list[dict], cfg: TrainConfig) -> float:
     """BLEU of greedy/beam generations for the eval prompts against all their references."""
     from .generate import bleu
 
     was_training = model.training
     model.eval()
-    score = bleu(model, tokenizer, datalib.read_examples(cfg.eval_data, skip_bad=cfg.skip_bad)[0],
-                 max_new_tokens=cfg.max_length, num_beams=cfg.num_beams)["bleu"]
+    score = bleu(model, tokenizer, examples, max_new_tokens=cfg.max_length, num_beams=cfg.num_beams)["bleu"]
     model.train(was_training)
     return score
 
