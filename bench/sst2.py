@@ -8,13 +8,13 @@ Both configurations get the same budget: the first --train-rows rows of train.ts
 size, max_length, seed, schedule (cosine, 5 % warmup) and the same freshly initialised classification head (the seed
 is set before the model is loaded). They differ only in what trains and in the learning rate:
 
-    lora  r=8, alpha=16 on BERT's `query` and `value`, dropout 0.05; the head (`classifier`) trained in full through
+    lora  r=8, alpha=16 on BERT's `query` and `value`, dropout 0.05; the head (`classifier` and the `pooler.dense`
+          that feeds it, the counterpart of the dense layer in RoBERTa's head) trained in full through
           modules_to_save (what `lorakit.train` does for task="classify"); lr 5e-4
     full  every weight (full_finetune=True); lr 5e-5
 
-Each configuration runs in its own subprocess (this script re-invoked with --one NAME), so peak RSS
-(getrusage(RUSAGE_SELF).ru_maxrss) is that configuration's own; the child prints one JSON line that the parent reads
-back. Dev accuracy is on all 872 rows of dev.tsv (the GLUE dev set; the test labels are not public).
+Each configuration runs in its own subprocess (this script re-invoked with --one NAME; bench/common.py), so peak RSS
+is that configuration's own. Dev accuracy is on all 872 rows of dev.tsv (the GLUE dev set; the test labels are not public).
 The parent prints a markdown table and writes bench/results/sst2.md and bench/results/sst2.json.
 """
 
@@ -23,18 +23,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from common import report, run_child
+
 HERE = Path(__file__).resolve().parent
 DATA = (HERE.parent / ".." / "shared" / "data" / "sst2").resolve()
-MARK = "@@RESULT@@ "  # prefix of the child's JSON line
 CONFIGS = ("lora", "full")
 
 
@@ -93,37 +90,21 @@ def run_one(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    import importlib
-
-    trainmod = importlib.import_module("lorakit.train")  # the module (lorakit.train the attribute could shadow it)
-
-    # timestamp every finished step: train() appends one metrics record per optimizer step
-    stamps = []
-    original_append = trainmod.append_metrics
-
-    def append_and_stamp(out, record):
-        stamps.append(time.perf_counter())
-        original_append(out, record)
-
-    trainmod.append_metrics = append_and_stamp
+    from lorakit.train import TrainConfig, train
 
     work = Path(args.workdir)
     full = args.one == "full"
-    cfg = trainmod.TrainConfig(
+    cfg = TrainConfig(
         model="minilm-l6", task="classify", data=str(work / "train.tsv"), eval_data=str(work / "dev.tsv"),
         out=str(work / f"run-{args.one}"), r=args.r, alpha=args.alpha, dropout=0.05, targets=["query", "value"],
         lr=args.lr_full if full else args.lr_lora, max_steps=args.steps, batch_size=args.batch_size,
         max_length=args.max_length, seed=args.seed, full_finetune=full, schedule="cosine", warmup=0.05)
     t0 = time.perf_counter()
-    result = trainmod.train(cfg)
-    wall = time.perf_counter() - t0
-    # seconds per step from the step timestamps, leaving out the first step (allocator/thread warm-up)
-    per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else float("nan")
+    result = train(cfg)
     keep = ("steps", "trainable_params", "total_params", "eval_accuracy", "eval_accuracy_before", "eval_loss",
-            "eval_loss_before", "final_loss", "adapter_bytes")
+            "eval_loss_before", "final_loss", "adapter_bytes", "seconds_per_step")
     return {"config": args.one, "lr": cfg.lr, **{k: result.get(k) for k in keep},
-            "s_per_step": per_step, "train_wall_s": wall,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "train_wall_s": time.perf_counter() - t0}
 
 
 # --- the comparison (parent process) --------------------------------------------------------------
@@ -132,11 +113,13 @@ def base_counts() -> dict:
     import torch
 
     from lorakit import pretrained
+    from lorakit.targeting import classifier_head
 
     torch.manual_seed(0)
     model, _, _ = pretrained.load("minilm-l6", "classify", num_labels=2)
+    head = {f"{m}.{n}" for m in classifier_head(model) for n, _ in model.get_submodule(m).named_parameters()}
     return {"base_params": sum(p.numel() for p in model.parameters()),
-            "head_params": sum(p.numel() for p in model.classifier.parameters())}
+            "head_params": sum(p.numel() for n, p in model.named_parameters() if n in head)}
 
 
 def table(results: list[dict], counts: dict) -> str:
@@ -149,14 +132,14 @@ def table(results: list[dict], counts: dict) -> str:
         lines.append(
             f"| {r['config']} | {r['lr']:g} | {t:,} | {100 * t / base:.3f} % | {t - head:,} | "
             f"{100 * (t - head) / (base - head):.3f} % | {100 * r['eval_accuracy_before']:.2f} | "
-            f"{100 * r['eval_accuracy']:.2f} | {r['final_loss']:.4f} | {r['s_per_step']:.3f} | {r['peak_rss_mib']:.0f} |")
+            f"{100 * r['eval_accuracy']:.2f} | {r['final_loss']:.4f} | {r['seconds_per_step']:.3f} | {r['peak_rss_mib']:.0f} |")
     return "\n".join(lines)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.one:
-        print(MARK + json.dumps(run_one(args)), flush=True)
+        report(run_one(args))
         return
 
     started = time.perf_counter()
@@ -184,24 +167,12 @@ def main(argv=None):
 
     results = []
     for name in args.only or CONFIGS:
-        cmd = [sys.executable, __file__, "--one", name, "--workdir", str(work)]
+        flags = ["--one", name, "--workdir", str(work)]
         for k in ("steps", "batch_size", "max_length", "seed", "lr_lora", "lr_full", "r", "alpha", "threads"):
-            cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-        print(f"\n== {name}: {' '.join(cmd)}", flush=True)
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True,
-                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        found = None
-        for line in proc.stdout:  # pass the child's output through, keep its result line
-            if line.startswith(MARK):
-                found = json.loads(line[len(MARK):])
-            else:
-                print(line, end="", flush=True)
-        if proc.wait() != 0 or found is None:
-            raise SystemExit(f"{name} failed (exit {proc.returncode})")
-        found["process_wall_s"] = time.perf_counter() - t0
+            flags += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+        found = run_child(__file__, flags)
         print(f"{name}: dev accuracy {found['eval_accuracy_before']:.4f} -> {found['eval_accuracy']:.4f}, "
-              f"{found['s_per_step']:.3f} s/step, peak RSS {found['peak_rss_mib']:.0f} MiB, "
+              f"{found['seconds_per_step']:.3f} s/step, peak RSS {found['peak_rss_mib']:.0f} MiB, "
               f"{found['process_wall_s']:.0f} s in all", flush=True)
         results.append(found)
 
@@ -217,9 +188,10 @@ def main(argv=None):
     notes = (f"all-MiniLM-L6-v2 + a fresh classification head on GLUE SST-2: first {len(train_rows):,} train rows, "
              f"{args.steps} steps x batch {args.batch_size}, max_length {args.max_length}, seed {args.seed}, cosine "
              f"schedule with 5 % warmup; dev accuracy on {len(dev_rows)} dev rows. LoRA: r={args.r}, "
-             f"alpha={args.alpha:g} on query/value, head trained in full (modules_to_save). % columns are of the plain "
-             f"model's {counts['base_params']:,} parameters (head: {counts['head_params']:,}). s/step excludes the "
-             f"first step and evaluation; peak RSS is each configuration's own process. "
+             f"alpha={args.alpha:g} on query/value, head (classifier + pooler.dense) trained in full "
+             f"(modules_to_save). % columns are of the plain "
+             f"model's {counts['base_params']:,} parameters (head: {counts['head_params']:,}). s/step is the median "
+             f"training step (first excluded); peak RSS is each configuration's own process. "
              f"{args.threads} torch threads; total wall time {total / 60:.1f} min.")
     print("\n" + md + "\n\n" + notes)
     out = Path(args.results)

@@ -94,10 +94,34 @@ def test_classification_trains_the_head_and_reports_accuracy(setup):
     assert any(k.startswith("saved.score.") for k in load_file(str(setup / "run" / "adapter.safetensors")))
 
 
+def test_bert_classification_trains_the_pooler_with_the_head(setup):
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    BertModel(BertConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2)).save_pretrained(setup / "bert")
+    PreTrainedTokenizerFast.from_pretrained(setup / "m").save_pretrained(setup / "bert")
+    rows = [{"text": "a a b" if i % 2 else "c c b", "label": i % 2} for i in range(16)]
+    (setup / "cls.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    train(config(setup, model=str(setup / "bert"), task="classify", data=str(setup / "cls.jsonl"),
+                 targets=["query", "value"], max_steps=2))
+    saved = {k.rsplit(".", 1)[0] for k in load_file(str(setup / "run" / "adapter.safetensors")) if k.startswith("saved.")}
+    assert saved == {"saved.classifier", "saved.bert.pooler.dense"}
+
+
 def test_full_finetune_trains_every_weight(setup):
     result = train(config(setup, full_finetune=True, max_steps=2))
     assert result["trainable_params"] == result["total_params"]
     assert (setup / "run" / "model" / "config.json").exists()
+
+
+def test_a_peft_model_trains_through_the_same_loop(setup):
+    import peft
+
+    adapt = lambda m: peft.get_peft_model(m, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    result = train(config(setup, max_steps=4), adapt=adapt)
+    saved = load_file(str(setup / "run" / "adapter" / "adapter_model.safetensors"))
+    assert result["trainable_params"] == sum(t.numel() for t in saved.values()) > 0
+    assert all(t.abs().sum() > 0 for k, t in saved.items() if "lora_B" in k)  # B left zero: it trained
 
 
 def test_cli_reads_a_yaml_config_and_flags_win(setup, capsys):

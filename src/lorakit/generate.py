@@ -60,8 +60,10 @@ def complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, num
     return [o.strip() for o in outs]
 
 
-def bleu(model, tokenizer, examples: list[dict], max_new_tokens: int = 64, num_beams: int = 1) -> dict:
-    """Corpus BLEU (sacrebleu) of generations for each distinct prompt, against all its references."""
+def bleu(model, tokenizer, examples: list[dict], max_new_tokens: int = 64, num_beams: int = 1,
+         chat: bool = False) -> dict:
+    """Corpus BLEU (sacrebleu) of generations for each distinct prompt (raw, or as a chat user turn),
+    against all its references."""
     import sacrebleu
 
     refs: dict[str, list[str]] = {}
@@ -70,7 +72,7 @@ def bleu(model, tokenizer, examples: list[dict], max_new_tokens: int = 64, num_b
             raise LoraError("BLEU needs prompt/completion examples (or E2E 'MR||reference' lines)")
         refs.setdefault(ex["prompt"], []).append(ex["completion"])
     prompts = list(refs)
-    hyps = complete(model, tokenizer, prompts, max_new_tokens, num_beams)
+    hyps = complete(model, tokenizer, prompts, max_new_tokens, num_beams, chat)
     n = max(len(r) for r in refs.values())
     streams = [[refs[p][k] if k < len(refs[p]) else refs[p][0] for p in prompts] for k in range(n)]
     score = sacrebleu.corpus_bleu(hyps, streams)

@@ -43,6 +43,13 @@ def output_heads(model: nn.Module) -> set[str]:
     return heads
 
 
+def classifier_head(model: nn.Module) -> list[str]:
+    """What a classification fine-tune trains in full: the output layer, plus BERT's pooler dense layer, which feeds
+    it and plays the part of the dense layer inside RoBERTa's `classifier` (the paper trains that head in full)."""
+    poolers = [n for n, m in model.named_modules() if n.endswith("pooler.dense") and kind_of(m) == "linear"]
+    return sorted(output_heads(model)) + poolers
+
+
 def find_targets(model: nn.Module, targets, exclude=None) -> list[str]:
     """Names of the modules that `targets` selects and `exclude` does not; every pattern must match."""
     modules = plain_modules(model)

@@ -27,7 +27,7 @@ from .config import LoraConfig
 from .errors import LoraError
 from .io import atomic_write, save
 from .model import inject, summary
-from .targeting import output_heads
+from .targeting import classifier_head
 
 
 @dataclass
@@ -122,9 +122,12 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted((out / "checkpoints").glob("step-*"))
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, adapt=None) -> dict:
     """Train per `cfg`. Writes RUN/adapter.safetensors (or RUN/model/ for a full fine-tune),
-    RUN/metrics.jsonl, RUN/loss.png, RUN/README.md (model card) and RUN/checkpoints/step-N/."""
+    RUN/metrics.jsonl, RUN/loss.png, RUN/README.md (model card) and RUN/checkpoints/step-N/.
+
+    `adapt(model) -> model`, if given, replaces lorakit's injection (e.g. PEFT's `get_peft_model`, to compare
+    both through the same loop); what it returns is trained as is and saved with its `save_pretrained` in RUN/adapter/."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -150,8 +153,10 @@ def train(cfg: TrainConfig) -> dict:
 
     if cfg.full_finetune:
         model.requires_grad_(True)
+    elif adapt is not None:
+        model = adapt(model)
     else:
-        heads = sorted(output_heads(model)) if cfg.task == "classify" else []
+        heads = classifier_head(model) if cfg.task == "classify" else []
         inject(model, LoraConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
                                  modules_to_save=heads))
     if cfg.gradient_checkpointing:
@@ -178,7 +183,7 @@ def train(cfg: TrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         history = [m for m in read_metrics(out) if m["step"] <= start] if start else []
         write_metrics(out, history)
-        print(summary(plain) if not cfg.full_finetune else f"full fine-tune: {n_trainable:,} trainable params")
+        print(f"{n_trainable:,} of {n_total:,} params trainable" if cfg.full_finetune or adapt else summary(plain))
         if skipped:
             print(f"skipped {skipped} bad lines in {cfg.data}")
 
@@ -239,6 +244,8 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.full_finetune:
             plain.save_pretrained(out / "model")
             tokenizer.save_pretrained(out / "model")
+        elif adapt is not None:
+            plain.save_pretrained(out / "adapter")
         else:
             result["adapter"] = str(save(plain, out / "adapter.safetensors", base_model=base))
             result["adapter_bytes"] = (out / "adapter.safetensors").stat().st_size
