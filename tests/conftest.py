@@ -23,3 +23,52 @@ def _save_tiny(folder):
 def save_tiny():
     """save_tiny(folder) writes a tiny Llama + word-level tokenizer (words: a b c) and returns the folder."""
     return _save_tiny
+
+
+def tiny_unet(layers_per_block=2, linear_proj=False):
+    """An SD-architecture UNet (real module names: down_blocks.N.attentions.M..., attn1/attn2, proj_in, ff) with
+    tiny widths; `linear_proj` gives SD 2/XL's Linear proj_in/proj_out instead of SD 1.x's 1x1 convs."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=layers_per_block, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4, use_linear_projection=linear_proj)
+
+
+def tiny_clip(cls_name="CLIPTextModel"):
+    import transformers
+
+    torch.manual_seed(1)
+    cfg = transformers.CLIPTextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, max_position_embeddings=16, projection_dim=16,
+                                      bos_token_id=53, eos_token_id=54, pad_token_id=54)
+    return getattr(transformers, cls_name)(cfg)
+
+
+def clip_tokenizer(folder):
+    """A CLIP BPE tokenizer over single letters (ids < 64), written as vocab.json + merges.txt."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = ["!", *letters, *(c + "</w>" for c in letters), "<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+
+
+@pytest.fixture
+def tiny_sd(tmp_path):
+    """A tiny StableDiffusionPipeline built from configs (random weights, real module names)."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(2)
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, sample_size=16)
+    return StableDiffusionPipeline(vae=vae, text_encoder=tiny_clip(), tokenizer=clip_tokenizer(tmp_path / "tok"),
+                                   unet=tiny_unet(), scheduler=DPMSolverMultistepScheduler(steps_offset=1),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)

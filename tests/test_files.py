@@ -298,7 +298,7 @@ def test_failed_save_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, monkey
 @pytest.mark.parametrize("filename,kwargs,fragment", [
     ("x.bin", {}, "x.safetensors"),
     ("x.safetensors", {"format": "peft"}, "folder"),
-    ("x.safetensors", {"format": "kohya"}, "'kohya'"),
+    ("x.safetensors", {"format": "onnx"}, "'onnx'"),
     ("x.safetensors", {"name": "nope"}, "'nope'"),
 ], ids=["pickle_suffix", "peft_into_a_file", "unknown_format", "unknown_adapter"])
 def test_refused_save_writes_nothing(tmp_path, filename, kwargs, fragment):

@@ -1,11 +1,13 @@
 """The canonical, format-independent form of one adapter, taken from a model or put onto one.
 
 Every file format only maps its keys and scales onto this: per module A (r x in), B (out x r) in
-nn.Linear orientation and alpha (scale = alpha/r, or alpha/sqrt(r) with use_rslora).
+nn.Linear orientation and alpha (scale = alpha/r, or alpha/sqrt(r) with use_rslora). Module paths of a
+diffusers pipeline's adapter start with the component: `unet.down_blocks.0...`, `text_encoder.encoder...`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
@@ -14,9 +16,10 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .errors import LoraError
+from .errors import LoraError, warn
 from .layers import LoraLayer, SavedModule, factor_shapes, kind_of
 from .model import adapter_biases, add_adapter, adapter_infos, check_name, lora_modules
+from .pipeline import component_of, is_pipeline_view, split_component
 from .targeting import closest, plain_modules
 
 
@@ -41,6 +44,7 @@ class Adapter:
     config: LoraConfig | None = None  # training settings, when the format records them
     base_model: str | None = None
     fingerprint: dict[str, list[int]] = field(default_factory=dict)  # module -> base weight shape
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # learned token -> text-encoder embedding row
 
     def common(self) -> tuple[int, float]:
         """The most common rank and alpha (what formats with one global r/alpha record)."""
@@ -74,33 +78,75 @@ def from_model(model: nn.Module, name: str) -> Adapter:
 
 
 def resolve_paths(model: nn.Module, paths: list[str]) -> dict[str, str]:
-    """Map the adapter's module paths onto the model's, allowing a wrapper prefix added or dropped
-    (an adapter saved on LlamaForCausalLM loads onto LlamaModel and back)."""
+    """Map the adapter's module paths onto the model's. Paths are grouped by their first component and each
+    group may carry a different leading part than the model (an adapter saved on LlamaForCausalLM loads onto
+    LlamaModel and back; `text_encoder.text_model.encoder...` loads onto transformers 5's flattened CLIP)."""
     names = plain_modules(model)
-    if not paths or all(p in names for p in paths):
+    groups: dict[str, list[str]] = {}
+    for p in paths:
+        groups.setdefault(p.split(".")[0], []).append(p)
+    mapping = {}
+    for group in groups.values():
+        mapping.update(_resolve_group(names, group))
+    return mapping
+
+
+def _resolve_group(names: dict, paths: list[str]) -> dict[str, str]:
+    if all(p in names for p in paths):
         return {p: p for p in paths}
-    p0 = paths[0]
-    tries = []
-    for n in names:  # the model has extra leading components
-        if n.endswith("." + p0):
-            pre = n[: -len(p0)]
-            tries.append(lambda p, pre=pre: pre + p)
-    parts = p0.split(".")
-    for k in range(1, len(parts)):  # the file has extra leading components
-        pre = ".".join(parts[:k]) + "."
-        tries.append(lambda p, pre=pre: p[len(pre):] if p.startswith(pre) else p)
-    for f in tries:
-        mapping = {p: f(p) for p in paths}
-        if all(v in names for v in mapping.values()):
-            return mapping
+    parts = paths[0].split(".")
+    for k in range(len(parts)):  # the longest common tail first: drop k leading parts of the file's path ...
+        tail, file_pre = ".".join(parts[k:]), ".".join(parts[:k] + [""]) if k else ""
+        for n in names:  # ... and put the model's own leading part in their place
+            if n == tail or n.endswith("." + tail):
+                model_pre = n[: len(n) - len(tail)]
+                mapping = {p: model_pre + p[len(file_pre):] for p in paths if p.startswith(file_pre)}
+                if len(mapping) == len(paths) and all(v in names for v in mapping.values()):
+                    return mapping
     missing = next(p for p in paths if p not in names)
     raise LoraError(f"the adapter targets module {missing!r}, which this model does not have. {closest(names, missing)}")
 
 
-def apply(model: nn.Module, adapter: Adapter, name: str, source: str = "adapter") -> str:
+def for_component(adapter: Adapter, model: nn.Module, component: str | None, source: str) -> Adapter:
+    """The part of a pipeline-wide adapter (paths `unet.…`, `text_encoder.…`) that belongs on `model`, a lone
+    component: `component`, or the one the model's class says it is. Other adapters pass through unchanged."""
+    paths = [*adapter.modules, *adapter.saved, *adapter.biases]
+    comps = {split_component(p)[0] for p in paths}
+    if is_pipeline_view(model) or not comps or None in comps:
+        return adapter
+    with contextlib.suppress(LoraError):  # it fits as it is (GPT-2's `transformer.` is no pipeline component)
+        resolve_paths(model, paths)
+        return adapter
+    want = component or component_of(model)
+    if want is None or want not in comps:
+        raise LoraError(f"{source} holds LoRA for the pipeline components {sorted(comps)}; this {type(model).__name__} "
+                        f"is {'not one of them' if want else 'none that lorakit recognises'}. Load it onto the "
+                        "pipeline, or say which part to load with component=")
+    keep = lambda d: {p: v for p, v in d.items() if split_component(p)[0] == want}  # noqa: E731
+    if left := sorted(comps - {want}):
+        warn(f"{source}: loading only its {want} part onto this {type(model).__name__}; its {left} part is left "
+             "out (load the file onto the pipeline to get both)")
+    return dataclasses.replace(adapter, modules=keep(adapter.modules), saved=keep(adapter.saved),
+                               biases=keep(adapter.biases), fingerprint=keep(adapter.fingerprint))
+
+
+def fit_factors(ml: ModuleLora, module: nn.Module) -> ModuleLora:
+    """A and B reshaped between a Linear and a 1x1 conv (SD 1.x's proj_in/proj_out are 1x1 convs, SD 2/XL's are
+    Linear; files move between them). Anything else is returned as is for the shape check."""
+    kind, w = kind_of(module), module.weight
+    if kind == "conv" and ml.A.dim() == 2 and all(k == 1 for k in w.shape[2:]):
+        ones = [1] * (w.dim() - 2)
+        return ModuleLora(ml.A.reshape(*ml.A.shape, *ones), ml.B.reshape(*ml.B.shape, *ones), ml.alpha, "conv")
+    if kind == "linear" and ml.A.dim() > 2 and all(k == 1 for t in (ml.A, ml.B) for k in t.shape[2:]):
+        return ModuleLora(ml.A.flatten(1), ml.B.flatten(1), ml.alpha, "linear")
+    return ml
+
+
+def apply(model: nn.Module, adapter: Adapter, name: str, source: str = "adapter", component: str | None = None) -> str:
     """Put `adapter` onto the model as `name`, active alone. Everything is checked before anything
     changes, so a bad adapter leaves the model exactly as it was."""
     check_name(model, name)
+    adapter = for_component(adapter, model, component, source)
     if not adapter.modules and not adapter.saved:
         raise LoraError(f"{source} holds no LoRA tensors")
     paths = resolve_paths(model, list(adapter.modules) + list(adapter.saved) + list(adapter.biases))
@@ -112,11 +158,13 @@ def apply(model: nn.Module, adapter: Adapter, name: str, source: str = "adapter"
             raise LoraError(
                 f"{source} was made for base model {adapter.base_model or '(unrecorded)'} whose module {path!r} has "
                 f"weight shape {list(want)}; this model's is {have}. Load it onto the base it was trained on.")
+    modules = {}
     for path, ml in adapter.modules.items():
         m = names[paths[path]]
         kind = kind_of(m)
         if kind is None:
             raise LoraError(f"{source}: module {path!r} is a {type(m).__name__}, which lorakit cannot adapt")
+        modules[path] = ml = fit_factors(ml, m)
         if ml.kind is not None and ml.kind != kind and {ml.kind, kind} != {"linear", "conv1d_t"}:
             raise LoraError(f"{source}: module {path!r} holds a {ml.kind} adapter but the model's module is {kind}")
         if isinstance(m, LoraLayer) and m.lora_merged:
@@ -149,10 +197,10 @@ def apply(model: nn.Module, adapter: Adapter, name: str, source: str = "adapter"
         r, alpha = adapter.common() if adapter.modules else (8, 8)
         cfg = LoraConfig(r=r, alpha=alpha, targets=[paths[p] for p in [*adapter.modules, *adapter.saved]],
                          use_rslora=adapter.use_rslora, bias="all" if adapter.biases else "none")
-    ranks = {paths[p]: (ml.r, ml.alpha) for p, ml in adapter.modules.items()}
+    ranks = {paths[p]: (ml.r, ml.alpha) for p, ml in modules.items()}
     add_adapter(model, name, ranks, cfg, [paths[p] for p in adapter.saved], adapter.base_model)
     with torch.no_grad():
-        for path, ml in adapter.modules.items():
+        for path, ml in modules.items():
             m = names[paths[path]]
             m.lora_A[name].copy_(ml.A)
             m.lora_B[name].copy_(ml.B)

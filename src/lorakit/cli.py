@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .config import scale
 from .errors import LoraError
-from .io import read
+from .io import FORMATS, convert, read
 
 
 def inspect(path: str, allow_pickle: bool = False) -> str:
@@ -36,6 +36,17 @@ def inspect(path: str, allow_pickle: bool = False) -> str:
         lines.append(f"{name:<60} {'saved':<10} {sum(t.numel() for t in sd.values()):>,} params")
     if a.biases:
         lines.append(f"biases:      {len(a.biases)} trained biases")
+    if a.embeddings:
+        lines.append(f"tokens:      {', '.join(sorted(a.embeddings))} (learned embeddings)")
+    header = {}
+    if p.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(p), "pt") as f:
+            header = f.metadata() or {}
+    if header:
+        lines += ["", "header metadata:"]
+        lines += [f"  {k}: {v if len(v) <= 100 else v[:97] + '...'}" for k, v in sorted(header.items())]
     return "\n".join(lines)
 
 
@@ -87,11 +98,17 @@ def run_generate(args):
 def main(argv: list[str] | None = None) -> int:
     from .train import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA adapters: train, inspect.")
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA adapters: train, generate, inspect, convert.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="describe an adapter file or PEFT folder")
     p.add_argument("file")
     p.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt files (weights only)")
+    c = sub.add_parser("convert", help="rewrite an adapter in another format (lorakit, peft, diffusers, kohya)")
+    c.add_argument("src", help="adapter file or PEFT folder, any format lorakit reads")
+    c.add_argument("dest", help="output file (.safetensors) or folder (peft; diffusers/kohya write a file in it)")
+    c.add_argument("--to", required=True, choices=FORMATS)
+    c.add_argument("--base", help="record this base model id (hub id or folder) in the output")
+    c.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt files (weights only)")
     add_config_flags(sub.add_parser("train", help="train a LoRA (or a full fine-tune) on a language model"),
                      TrainConfig)
     g = sub.add_parser("generate", help="generate text with weighted adapters on a base model")
@@ -107,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "inspect":
             print(inspect(args.file, args.allow_pickle))
+        elif args.command == "convert":
+            out = convert(args.src, args.dest, args.to, base_model=args.base, allow_pickle=args.allow_pickle)
+            print(f"wrote {out} ({args.to})")
         elif args.command == "train":
             from .train import train
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -14,12 +15,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import adapter as canonical
-from .errors import LoraError
-from .formats import loralib, native, peft
+from .embeddings import add_tokens, check_embeddings
+from .errors import LoraError, warn
+from .formats import cloneofsimo, diffusers, kohya, loralib, lycoris, native, peft
 from .model import active, adapter_infos, adapters
+from .pipeline import as_module, component_of, is_pipeline_view
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-FORMATS = ("lorakit", "peft")
+FORMATS = ("lorakit", "peft", "diffusers", "kohya")
+# single-file formats, in the order they are tried; each says how it is recognised
+FILE_FORMATS = {"diffusers": diffusers, "kohya": kohya, "lycoris": lycoris, "cloneofsimo": cloneofsimo,
+                "loralib": loralib}
 
 
 # --- writing --------------------------------------------------------------------------------------
@@ -54,18 +60,36 @@ def base_model_id(model: nn.Module) -> str | None:
 
 
 def save(model: nn.Module, path, name: str | None = None, format: str = "lorakit",
-         base_model: str | None = None) -> Path:
-    """Write adapter `name` (default: the only, or the only active, adapter).
+         base_model: str | None = None, **options) -> Path:
+    """Write adapter `name` (default: the only, or the only active, adapter) of a model or pipeline.
 
     format="lorakit": one .safetensors file recording r/alpha per module, targets, the base model id
-    and a fingerprint of the base; format="peft": a PEFT adapter folder. Writes are atomic.
+    and a fingerprint of the base; "peft": a PEFT adapter folder; "diffusers": the file
+    `pipe.load_lora_weights` reads; "kohya": the file A1111/ComfyUI/kohya read. Writes are atomic.
     """
+    view = as_module(model)
+    name = name or _default_adapter(view)
+    a = canonical.from_model(view, name)
+    a.base_model = base_model or a.base_model or base_model_id(model)
+    comp = component_of(view)
+    if format in ("diffusers", "kohya") and comp and not is_pipeline_view(view):  # name the component in the file
+        a = dataclasses.replace(a, modules={f"{comp}.{p}": m for p, m in a.modules.items()},
+                                fingerprint={f"{comp}.{p}": s for p, s in a.fingerprint.items()})
+    return write(a, path, format, **options)
+
+
+def write(a: canonical.Adapter, path, format: str = "lorakit", **options) -> Path:
+    """Write an adapter in canonical form as `format` (see save()); returns the path written."""
     path = Path(path)
     if format not in FORMATS:
         raise LoraError(f"unknown format {format!r}; choose one of {FORMATS}")
-    name = name or _default_adapter(model)
-    a = canonical.from_model(model, name)
-    a.base_model = base_model or a.base_model or base_model_id(model)
+    if format in ("diffusers", "kohya"):
+        if path.suffix != ".safetensors":
+            path = path / (diffusers.WEIGHTS_NAME if format == "diffusers" else "lora.safetensors")
+        module = diffusers if format == "diffusers" else kohya
+        tensors, metadata = module.write(a, **options)
+        _save_tensors(path, tensors, metadata)
+        return path
     if format == "lorakit":
         if path.suffix != ".safetensors":
             raise LoraError(f"{path}: lorakit adapters are single .safetensors files; name it "
@@ -116,7 +140,8 @@ def _read_tensors(path: Path, allow_pickle: bool) -> tuple[dict, dict]:
 
 
 def read(path, allow_pickle: bool = False, alpha: float | None = None) -> tuple[canonical.Adapter, str]:
-    """(adapter in canonical form, format name) for a lorakit file, PEFT folder or loralib state dict."""
+    """(adapter in canonical form, format name) for a lorakit file, PEFT folder, diffusers, kohya/A1111,
+    LyCORIS or cloneofsimo file, or loralib state dict."""
     path = Path(path)
     if path.is_dir():
         if not (path / peft.CONFIG_NAME).exists():
@@ -129,18 +154,19 @@ def read(path, allow_pickle: bool = False, alpha: float | None = None) -> tuple[
     tensors, metadata = _read_tensors(path, allow_pickle)
     if native.is_native(metadata):
         return native.read(tensors, metadata, str(path)), "lorakit"
-    if peft.looks_like(tensors):
-        cfg = path.parent / peft.CONFIG_NAME
-        if not cfg.exists():
-            raise LoraError(f"{path} holds PEFT-style keys but has no {peft.CONFIG_NAME} beside it, so its alpha "
-                            "is unknown; load the PEFT folder")
-        return _read_peft(cfg, path, allow_pickle, tensors), "peft"
-    if loralib.looks_like(tensors):
-        return loralib.read(tensors, str(path), alpha), "loralib"
+    if peft.looks_like(tensors, metadata) and (path.parent / peft.CONFIG_NAME).exists():
+        return _read_peft(path.parent / peft.CONFIG_NAME, path, allow_pickle, tensors), "peft"
+    for fmt, module in FILE_FORMATS.items():
+        if module.looks_like(tensors, metadata):
+            extra = {"alpha": alpha} if module is loralib else {}
+            return module.read(tensors, metadata, str(path), **extra), fmt
+    if peft.looks_like(tensors, metadata):
+        raise LoraError(f"{path} holds PEFT-style keys but has no {peft.CONFIG_NAME} beside it, so its alpha "
+                        "is unknown; load the PEFT folder")
     sample = ", ".join(repr(k) for k in list(tensors)[:3])
     raise LoraError(f"{path}: not a LoRA file lorakit knows. Its {len(tensors)} tensors ({sample}, ...) match none of: "
-                    "lorakit (header format=lorakit), PEFT (<module>.lora_A.weight + adapter_config.json), "
-                    "loralib (<module>.lora_A / .lora_B)")
+                    "lorakit (header format=lorakit); PEFT (<module>.lora_A.weight + adapter_config.json); "
+                    f"{'; '.join(f'{k} ({m.LOOKS})' for k, m in FILE_FORMATS.items())}")
 
 
 def _read_peft(config_path: Path, weights: Path, allow_pickle: bool, tensors: dict | None = None):
@@ -154,15 +180,24 @@ def _read_peft(config_path: Path, weights: Path, allow_pickle: bool, tensors: di
 
 
 def load(model: nn.Module, path, name: str | None = None, allow_pickle: bool = False,
-         alpha: float | None = None) -> str:
-    """Load an adapter file or folder onto the model (format detected) and activate it alone.
+         alpha: float | None = None, component: str | None = None) -> str:
+    """Load an adapter file or folder onto the model or diffusers pipeline (format detected) and activate it alone.
 
-    Returns its name (default: from the file name). A bad file, a missing key, a wrong shape or a
-    different base raises LoraError and leaves the model as it was. alpha= sets alpha for formats
-    that do not record it (loralib).
+    The LoRA layers are made from the file itself (its modules, ranks and alphas). Returns the adapter's name
+    (default: from the file name). A bad file, a missing key, a wrong shape or a different base raises LoraError
+    and leaves the model as it was. alpha= sets alpha for formats that do not record it (loralib);
+    component= picks the part of a pipeline-wide file ("unet", "text_encoder", ...) for a lone component.
     """
-    path = Path(path)
-    a, _ = read(path, allow_pickle, alpha)
+    path, target, model = Path(path), model, as_module(model)
+    a, fmt = read(path, allow_pickle, alpha)
+    if fmt == "cloneofsimo":  # its modules are numbered in the model's traversal order
+        a = cloneofsimo.bind(a, model, str(path), component)
+    tokenizer, encoder = getattr(target, "tokenizer", None), getattr(target, "text_encoder", None)
+    if a.embeddings and tokenizer is not None and encoder is not None:
+        check_embeddings(encoder, a.embeddings, str(path))  # before anything changes
+    elif a.embeddings:
+        warn(f"{path} also holds learned token embeddings {sorted(a.embeddings)}, which need the tokenizer; "
+             "load the file onto the pipeline to get them")
     if name is None:
         stem = path.name if path.is_dir() else path.stem
         stem = path.parent.name if stem == "adapter_model" else stem
@@ -172,4 +207,18 @@ def load(model: nn.Module, path, name: str | None = None, allow_pickle: bool = F
         i = 2
         while name in taken:
             name, i = f"{base}_{i}", i + 1
-    return canonical.apply(model, a, name, source=str(path))
+    if a.modules or a.saved or not a.embeddings:  # a file of token embeddings alone adds no adapter
+        name = canonical.apply(model, a, name, source=str(path), component=component)
+    if a.embeddings and tokenizer is not None and encoder is not None:
+        add_tokens(tokenizer, encoder, a.embeddings, str(path))
+    return name
+
+
+def convert(src, dest, to: str, base_model: str | None = None, allow_pickle: bool = False, **options) -> Path:
+    """Rewrite an adapter file or folder in another format (no model needed); returns the path written."""
+    a, fmt = read(src, allow_pickle)
+    if fmt == "cloneofsimo":
+        raise LoraError(f"{src} is a cloneofsimo file, whose modules are numbered by the model's traversal order; "
+                        "load it onto its pipeline with lorakit.load, then lorakit.save in the format you want")
+    a.base_model = base_model or a.base_model
+    return write(a, dest, to, **options)

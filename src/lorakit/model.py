@@ -14,6 +14,7 @@ from torch import nn
 from .config import LoraConfig, scale
 from .errors import LoraError
 from .layers import LoraLayer, SavedModule, fresh_copy, is_lora, kind_of, swap_in, swap_out
+from .pipeline import accepts_pipeline, as_module, is_pipeline_view
 from .targeting import check_patterns, closest, find_targets, matches, plain_modules
 
 
@@ -26,6 +27,7 @@ def adapter_infos(model: nn.Module) -> dict[str, dict]:
     return infos
 
 
+@accepts_pipeline
 def adapters(model: nn.Module) -> list[str]:
     """Names of the adapters on the model, in the order they were added."""
     return list(adapter_infos(model))
@@ -76,6 +78,7 @@ def _freeze_for(model: nn.Module):
 
 
 # --- inject ---------------------------------------------------------------------------------------
+@accepts_pipeline
 def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Module:
     """Add a new adapter to `model` in place and make it the one active (and trainable) adapter.
 
@@ -114,7 +117,6 @@ def add_adapter(model: nn.Module, name: str, ranks: dict[str, tuple[int, float]]
     if any(m.lora_merged for m in lora_modules(model).values()):  # activating it would need an unmerge
         raise LoraError("the model has merged adapters; unmerge(model) before adding another")
     modules = plain_modules(model)
-    model.__dict__.setdefault("lora_adapters", {})
     try:
         for path, (r, alpha) in ranks.items():
             m = modules[path]
@@ -128,7 +130,11 @@ def add_adapter(model: nn.Module, name: str, ranks: dict[str, tuple[int, float]]
             if not isinstance(m, SavedModule):
                 swap_in(m, SavedModule)
             m.lora_add_copy(name, c)
-        model.lora_adapters[name] = {"config": config, "base_model": base_model}
+        # the record lives on the model; on a pipeline's view (rebuilt at each call) on the components it touches
+        hosts = [model[c] for c in dict.fromkeys(p.split(".")[0] for p in [*ranks, *saved])] \
+            if is_pipeline_view(model) else [model]
+        for host in hosts:
+            host.__dict__.setdefault("lora_adapters", {})[name] = {"config": config, "base_model": base_model}
     except Exception:
         _remove(model, name)
         raise
@@ -145,6 +151,7 @@ def _remove(model: nn.Module, name: str):
         getattr(m, "lora_adapters", {}).pop(name, None)
 
 
+@accepts_pipeline
 def delete(model: nn.Module, name: str) -> nn.Module:
     """Remove adapter `name` from the model (modules left with no adapter become plain again)."""
     _known(model, [name])
@@ -163,6 +170,7 @@ def _known(model: nn.Module, names):
 
 
 # --- the active set -------------------------------------------------------------------------------
+@accepts_pipeline
 def set_weights(model: nn.Module, weights: dict[str, float] | list[str] | str) -> nn.Module:
     """Activate exactly these adapters with these weights (any real numbers, negative included).
 
@@ -184,6 +192,7 @@ def set_weights(model: nn.Module, weights: dict[str, float] | list[str] | str) -
     return model
 
 
+@accepts_pipeline
 def active(model: nn.Module) -> dict[str, float]:
     """The active adapters and their weights."""
     out = {}
@@ -195,7 +204,7 @@ def active(model: nn.Module) -> dict[str, float]:
 @contextlib.contextmanager
 def disabled(model: nn.Module):
     """Within the block the model computes its base function (merged layers are unmerged meanwhile)."""
-    layers = lora_modules(model).values()
+    layers = lora_modules(as_module(model)).values()
     merged = [m for m in layers if m.lora_merged]
     for m in merged:
         m.lora_unmerge()
@@ -211,6 +220,7 @@ def disabled(model: nn.Module):
 
 
 # --- merge ----------------------------------------------------------------------------------------
+@accepts_pipeline
 def merge(model: nn.Module, safe: bool = False) -> nn.Module:
     """Add the active adapters' ΔW into the base weights: no extra latency, undone by unmerge().
 
@@ -247,6 +257,7 @@ def _check_untied(model: nn.Module, names: set[str]):
 _merge = merge  # unload's `merge` flag shadows the function
 
 
+@accepts_pipeline
 def unmerge(model: nn.Module) -> nn.Module:
     """Subtract what merge() added (the same ΔW, recomputed exactly)."""
     for m in lora_modules(model).values():
@@ -255,6 +266,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
+@accepts_pipeline
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """A plain model with no lorakit module left: the active adapters baked in (merge=True) or dropped."""
     if merge:
@@ -295,6 +307,7 @@ class Summary:
     __repr__ = __str__
 
 
+@accepts_pipeline
 def summary(model: nn.Module) -> Summary:
     """Count trainable/total parameters and describe each adapter."""
     params = {id(p): p for p in model.parameters()}.values()

@@ -9,11 +9,14 @@ from ..errors import LoraError, warn
 DEFAULT_ALPHA = 1.0
 
 
-def looks_like(tensors: dict) -> bool:
+LOOKS = "<module>.lora_A / .lora_B, no prefix"
+
+
+def looks_like(tensors: dict, metadata: dict) -> bool:
     return any(k.endswith((".lora_A", ".lora_B")) for k in tensors)
 
 
-def read(tensors: dict, source: str, alpha: float | None = None) -> Adapter:
+def read(tensors: dict, metadata: dict, source: str, alpha: float | None = None) -> Adapter:
     if alpha is None:
         warn(f"{source}: loralib files carry no alpha; using loralib's default alpha=1 (scale 1/r). "
              "Pass alpha= to load() to match the value used in training.")

@@ -1,9 +1,10 @@
 """lorakit's own format: one .safetensors file whose header says everything needed to load it.
 
 Tensors: ``lora.<module>.A``, ``lora.<module>.B``, ``saved.<module>.<param>`` (modules_to_save),
-``bias.<module>`` (trained biases). Header metadata (strings): ``format`` = "lorakit",
-``format_version``, ``base_model``, ``config`` (the LoraConfig as JSON), ``modules`` (per module
-kind, r and alpha), ``targets``, ``saved`` and ``fingerprint`` (each targeted base weight's shape).
+``bias.<module>`` (trained biases), ``embed.<token>`` (learned text-encoder token embeddings). Header
+metadata (strings): ``format`` = "lorakit", ``format_version``, ``base_model``, ``config`` (the LoraConfig
+as JSON), ``modules`` (per module kind, r and alpha), ``targets``, ``saved``, ``fingerprint`` (each
+targeted base weight's shape) and ``embeddings`` (the tokens, a JSON list; absent in older files: none).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def write(adapter: Adapter) -> tuple[dict, dict]:
     for path, sd in adapter.saved.items():
         tensors.update({f"saved.{path}.{k}": v for k, v in sd.items()})
     tensors.update({f"bias.{path}": b for path, b in adapter.biases.items()})
+    tensors.update({f"embed.{token}": v for token, v in adapter.embeddings.items()})
     cfg = adapter.config.to_dict() if adapter.config else {}
     metadata = {
         "format": "lorakit",
@@ -41,6 +43,8 @@ def write(adapter: Adapter) -> tuple[dict, dict]:
         "saved": json.dumps(list(adapter.saved)),
         "fingerprint": json.dumps(adapter.fingerprint),
     }
+    if adapter.embeddings:
+        metadata["embeddings"] = json.dumps(list(adapter.embeddings))
     return tensors, metadata
 
 
@@ -55,6 +59,7 @@ def read(tensors: dict, metadata: dict, source: str) -> Adapter:
         fingerprint = json.loads(metadata.get("fingerprint", "{}"))
         cfg = json.loads(metadata.get("config", "{}"))
         use_rslora = json.loads(metadata.get("use_rslora", "false"))
+        tokens = json.loads(metadata.get("embeddings", "[]"))
     except (KeyError, json.JSONDecodeError) as e:
         raise LoraError(f"{source}: the lorakit header is damaged ({e}); re-save the adapter") from None
     a = Adapter({}, use_rslora, config=LoraConfig.from_dict(cfg) if cfg else None,
@@ -77,6 +82,12 @@ def read(tensors: dict, metadata: dict, source: str) -> Adapter:
         if k.startswith("bias."):
             a.biases[k[len("bias."):]] = v
             used.add(k)
+    for token in tokens:
+        key = f"embed.{token}"
+        if key not in tensors:
+            raise LoraError(f"{source}: tensor {key!r} for token {token!r} is missing; the file is incomplete")
+        a.embeddings[token] = tensors[key]
+        used.add(key)
     extra = sorted(set(tensors) - used)
     if extra:
         raise LoraError(f"{source}: tensor {extra[0]!r} belongs to no module in the header; the file is damaged")

@@ -25,7 +25,7 @@ _UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "lora_bias", "layer_replication
                 "target_parameters": "target_parameters", "trainable_token_indices": "trainable tokens"}
 
 
-def looks_like(tensors: dict) -> bool:
+def looks_like(tensors: dict, metadata: dict) -> bool:
     return any(k.startswith(PREFIX) or ".lora_A.weight" in k or ".lora_embedding_A" in k for k in tensors)
 
 
