@@ -131,12 +131,13 @@ def for_component(adapter: Adapter, model: nn.Module, component: str | None, sou
 
 
 def fit_factors(ml: ModuleLora, module: nn.Module) -> ModuleLora:
-    """A and B reshaped between a Linear and a 1x1 conv (SD 1.x's proj_in/proj_out are 1x1 convs, SD 2/XL's are
-    Linear; files move between them). Anything else is returned as is for the shape check."""
+    """A and B reshaped between a Linear and a conv: 2-D factors whose A width is in·kh·kw (SD 1.x's 1x1 proj_in,
+    which SD 2/XL make a Linear; LyCORIS's flat conv kernels), and 1x1-conv factors onto a Linear. Anything else is
+    returned as is for the shape check."""
     kind, w = kind_of(module), module.weight
-    if kind == "conv" and ml.A.dim() == 2 and all(k == 1 for k in w.shape[2:]):
+    if kind == "conv" and ml.A.dim() == 2 and ml.A.shape[1] == w[0].numel():
         ones = [1] * (w.dim() - 2)
-        return ModuleLora(ml.A.reshape(*ml.A.shape, *ones), ml.B.reshape(*ml.B.shape, *ones), ml.alpha, "conv")
+        return ModuleLora(ml.A.reshape(ml.A.shape[0], *w.shape[1:]), ml.B.reshape(*ml.B.shape, *ones), ml.alpha, "conv")
     if kind == "linear" and ml.A.dim() > 2 and all(k == 1 for t in (ml.A, ml.B) for k in t.shape[2:]):
         return ModuleLora(ml.A.flatten(1), ml.B.flatten(1), ml.alpha, "linear")
     return ml

@@ -97,33 +97,25 @@ def _sgm(name: str, lpb: int, key: str, source: str) -> str | None:
     m = _SGM_BLOCK.fullmatch(name)
     if not m:
         return None
-    role = "attention"
     if m[5] is not None:
         block, rest = ("mid_block.resnets.0", "mid_block.attentions.0", "mid_block.resnets.1")[int(m[5])], m[6]
         role = "attention" if m[5] == "1" else "resnet"
     elif m[1] == "input_blocks":
         n, k, rest = int(m[2]), int(m[3]), m[4]
         i, j = divmod(n - 1, lpb + 1)
-        if n > 0 and j == lpb:
-            block, role = f"down_blocks.{i}.downsamplers.0", "sampler"
-        else:
-            block = f"down_blocks.{i}.{('resnets', 'attentions')[k]}.{j}" if n > 0 and k < 2 else None
-            role = "resnet" if k == 0 else "attention"
+        role = "sampler" if j == lpb else ("resnet", "attention", None)[min(k, 2)]
+        block = (None if n == 0 or role is None else f"down_blocks.{i}.downsamplers.0" if role == "sampler"
+                 else f"down_blocks.{i}.{role}s.{j}")
     else:
         n, k, rest = int(m[2]), int(m[3]), m[4]
         i, j = divmod(n, lpb + 1)
-        if k == 2 or (k == 1 and rest == "conv"):
-            block, role = f"up_blocks.{i}.upsamplers.0", "sampler"
-        else:
-            block = f"up_blocks.{i}.{('resnets', 'attentions')[k]}.{j}" if k < 2 else None
-            role = "resnet" if k == 0 else "attention"
-    if role == "resnet":
-        tail = _SGM_RESNET.get(rest)
-    elif role == "sampler":
-        tail = "conv" if rest in ("op", "conv") else None
-    else:
-        tail = _words(rest, key, source)
-    if block is None or tail is None:
+        role = "sampler" if k == 2 or (k == 1 and rest == "conv") else ("resnet", "attention", None)[min(k, 2)]
+        block = (None if role is None else f"up_blocks.{i}.upsamplers.0" if role == "sampler"
+                 else f"up_blocks.{i}.{role}s.{j}")
+    tails = {"resnet": lambda: _SGM_RESNET.get(rest), "sampler": lambda: "conv" if rest in ("op", "conv") else None,
+             "attention": lambda: _words(rest, key, source)}
+    tail = tails[role]() if block is not None else None
+    if tail is None:
         raise LoraError(f"{source}: tensor {key!r} names SDXL UNet module {name!r}, which has no diffusers "
                         f"counterpart (with layers_per_block={lpb})")
     return f"{block}.{tail}"

@@ -1,10 +1,11 @@
 """LyCORIS LoHa and LoKr files (kohya module names, read only).
 
-Keys are ``<kohya name>.<tensor>`` with kohya's prefixes and an optional 0-dim ``.alpha``:
-LoHa ``hada_w1_a`` (out, r), ``hada_w1_b`` (r, in·k), ``hada_w2_a``, ``hada_w2_b``, ΔW = (w1_a·w1_b) ⊙ (w2_a·w2_b); Tucker
-convs store ``hada_w1_a`` (r, out), ``hada_w1_b`` (r, in) and cores ``hada_t1``/``hada_t2`` (r, r, kh, kw).
-LoKr ``lokr_w1`` or ``lokr_w1_a``·``lokr_w1_b``, and ``lokr_w2`` or ``lokr_w2_a``·``lokr_w2_b`` (Tucker: core
-``lokr_t2``), ΔW = w1 ⊗ w2. Scale = alpha/r with r the rank of w1_b (LoHa; LoKr: of w1_b, else of w2_b); a LoKr with
+Keys are ``<kohya name>.<tensor>`` with kohya's prefixes and an optional 0-dim ``.alpha``.
+LoHa: ``hada_w1_a`` (out, r), ``hada_w1_b`` (r, in·kh·kw), ``hada_w2_a``, ``hada_w2_b``;
+ΔW = (w1_a·w1_b) ⊙ (w2_a·w2_b).
+Tucker convs store ``hada_w1_a`` (r, out), ``hada_w1_b`` (r, in) and cores ``hada_t1``/``hada_t2`` (r, r, kh, kw).
+LoKr: ``lokr_w1`` or ``lokr_w1_a``·``lokr_w1_b``, and ``lokr_w2`` or ``lokr_w2_a``·``lokr_w2_b`` (Tucker: core
+``lokr_t2``); ΔW = w1 ⊗ w2. Scale = alpha/r with r the rank of w1_b (LoHa; LoKr: of w1_b, else of w2_b); a LoKr with
 both w1 and w2 full ignores alpha (scale 1); a missing or 0 alpha means alpha = r. Modules with lora_down/lora_up
 (LoCon) in the same file are read as kohya.py reads them.
 
@@ -107,7 +108,8 @@ def read(tensors: dict, metadata: dict, source: str, layers_per_block: int = 2) 
             ml = kohya.lora_module(name, parts, source)
         else:
             dw, r = loha_delta(parts, name, source) if "hada" in algos else lokr_delta(parts, name, source)
-            scale = 1.0 if r is None else kohya.alpha_of(parts, name, r, source) / r
+            alpha = kohya.alpha_of(parts, name, r or 1, source)  # checked even where it is ignored
+            scale = 1.0 if r is None else alpha / r
             ml = materialise(dw * scale)
             materialised += 1
         kohya.add_module(a, seen, name, ml, key, source, layers_per_block)
