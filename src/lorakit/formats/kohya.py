@@ -18,7 +18,6 @@ import math
 import re
 import time
 
-import numpy as np
 import torch
 from safetensors.torch import save as safetensors_bytes
 
@@ -167,11 +166,13 @@ def scalar(t: torch.Tensor, key: str, source: str) -> float:
     (so an alpha of 0.1 written as float32 reads back as 0.1)."""
     if t.numel() != 1:
         raise LoraError(f"{source}: tensor {key!r} should be a scalar (a 0-dim tensor) but has shape {list(t.shape)}")
-    if t.dtype == torch.float16:
-        return float(str(np.float16(t.item())))
-    if t.dtype in (torch.float32, torch.bfloat16):
-        return float(str(np.float32(t.float().item())))
-    return float(t.item())
+    x = t.reshape(()).item()
+    if t.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for digits in range(1, 10):
+            short = float(f"{x:.{digits}g}")
+            if torch.tensor(short, dtype=t.dtype).item() == x:
+                return short
+    return float(x)
 
 
 def alpha_of(parts: dict, name: str, r: int, source: str) -> float:
