@@ -123,7 +123,7 @@ def for_component(adapter: Adapter, model: nn.Module, component: str | None, sou
                         f"is {'not one of them' if want else 'none that lorakit recognises'}. Load it onto the "
                         "pipeline, or say which part to load with component=")
     keep = lambda d: {p: v for p, v in d.items() if split_component(p)[0] == want}  # noqa: E731
-    if left := sorted(comps - {want}):
+    if (left := sorted(comps - {want})) and component is None:
         warn(f"{source}: loading only its {want} part onto this {type(model).__name__}; its {left} part is left "
              "out (load the file onto the pipeline to get both)")
     return dataclasses.replace(adapter, modules=keep(adapter.modules), saved=keep(adapter.saved),

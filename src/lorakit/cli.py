@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .config import scale
 from .errors import LoraError
-from .io import FORMATS, convert, read
+from .io import FORMATS, atomic_write, convert, read
 
 
 def inspect(path: str, allow_pickle: bool = False) -> str:
@@ -56,8 +56,10 @@ def add_config_flags(parser: argparse.ArgumentParser, cls):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
             parser.add_argument(flag, action="store_true", default=None)
+        elif f.type == "list[str]":
+            parser.add_argument(flag, action="append", default=None, metavar=f.name.upper(), help="repeatable")
         else:
-            kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+            kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
             parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper())
     parser.add_argument("--config", help="a YAML file with the same keys (flags given here win)")
 
@@ -74,7 +76,8 @@ def config_from(args: argparse.Namespace, cls):
         if unknown := sorted(set(values) - known):
             raise LoraError(f"{args.config}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
     values.update({k: v for k, v in vars(args).items() if v is not None and k not in ("command", "config")})
-    if isinstance(values.get("targets"), str) and values["targets"] != "all-linear":
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    if "list" in types.get("targets", "") and isinstance(values.get("targets"), str) and values["targets"] != "all-linear":
         values["targets"] = [t for t in values["targets"].split(",") if t]
     return cls(**values)
 
@@ -95,8 +98,21 @@ def run_generate(args):
             print(complete(model, tokenizer, [line.strip()], **kw)[0], flush=True)
 
 
+def run_generate_image(args):
+    from .generate_image import generate, load_pipeline
+    from .images import grid
+
+    pipe, prompt = load_pipeline(args.model, args.lora, args.prompt, args.lora_dir, args.fuse)
+    images = generate(pipe, prompt, args.negative_prompt, args.count, args.steps, args.guidance, args.seed, args.size)
+    out = Path(args.out)
+    img = grid(images)
+    atomic_write(out, lambda tmp: img.save(tmp, format="PNG"))
+    print(f"wrote {out} ({len(images)} images for {prompt!r})")
+
+
 def main(argv: list[str] | None = None) -> int:
     from .train import TrainConfig
+    from .train_sd import SDTrainConfig
 
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA adapters: train, generate, inspect, convert.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +127,22 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt files (weights only)")
     add_config_flags(sub.add_parser("train", help="train a LoRA (or a full fine-tune) on a language model"),
                      TrainConfig)
+    add_config_flags(sub.add_parser("train-sd", help="train a LoRA on a Stable Diffusion pipeline (text2image, "
+                                    "dreambooth, pivotal)"), SDTrainConfig)
+    gi = sub.add_parser("generate-image", help="images from a Stable Diffusion pipeline with weighted LoRAs")
+    gi.add_argument("--model", help="pipeline folder or hub id (default: the base recorded in the first LoRA)")
+    gi.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="repeat to stack; "
+                    "weights may be negative")
+    gi.add_argument("--lora-dir", help="where prompt tags <lora:NAME:W> find NAME.safetensors")
+    gi.add_argument("--prompt", required=True)
+    gi.add_argument("--negative-prompt")
+    gi.add_argument("--steps", type=int, default=25, help="DPM-Solver++ steps")
+    gi.add_argument("--guidance", type=float, default=7.5)
+    gi.add_argument("--seed", type=int, default=0)
+    gi.add_argument("--size", type=int, help="image side in pixels (default: the model's)")
+    gi.add_argument("--count", type=int, default=4, help="images, laid out as one grid")
+    gi.add_argument("--fuse", action="store_true", help="merge the LoRAs into the weights first (faster)")
+    gi.add_argument("--out", default="images.png")
     g = sub.add_parser("generate", help="generate text with weighted adapters on a base model")
     g.add_argument("--model", help="base model (default: the one recorded in the first adapter)")
     g.add_argument("--adapter", action="append", default=[], metavar="FILE[:WEIGHT]",
@@ -134,6 +166,13 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(f"{k}: {v}" for k, v in result.items()))
         elif args.command == "generate":
             run_generate(args)
+        elif args.command == "train-sd":
+            from .train_sd import train_sd
+
+            result = train_sd(config_from(args, SDTrainConfig))
+            print("\n".join(f"{k}: {v}" for k, v in result.items()))
+        elif args.command == "generate-image":
+            run_generate_image(args)
     except LoraError as e:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2

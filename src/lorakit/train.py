@@ -64,9 +64,9 @@ class TrainConfig:
     num_beams: int = 1
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
+def trainable_params(model) -> dict[str, torch.Tensor]:
     """The parameters being trained, by name (what a checkpoint must hold)."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def step_indices(n: int, seed: int, step: int, per_step: int) -> list[int]:
@@ -178,7 +178,7 @@ def train(cfg: TrainConfig, adapt=None) -> dict:
 
     start = 0
     if cfg.resume and checkpoints(out):
-        start = load_checkpoint(checkpoints(out)[-1], plain, opt, sched, rank)
+        start = load_checkpoint(checkpoints(out)[-1], trainable_params(plain), opt, sched, rank)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         history = [m for m in read_metrics(out) if m["step"] <= start] if start else []
@@ -228,7 +228,7 @@ def train(cfg: TrainConfig, adapt=None) -> dict:
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{rate:.0f}")
         bar.update(1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            save_checkpoint(out, step + 1, plain, opt, sched, acc, cfg.keep)
+            save_checkpoint(out, step + 1, trainable_params(plain), opt, sched, acc, cfg.keep)
     bar.close()
 
     warm = sorted(step_times[1:] or step_times)  # the first step pays one-off costs
@@ -274,7 +274,9 @@ def encode(examples: list[dict], tokenizer, cfg: TrainConfig, labels) -> list[di
 
 
 # --- checkpoints: trainable tensors, optimizer, schedule and every process's RNG state -------------
-def save_checkpoint(out: Path, step: int, model, opt, sched, acc, keep: int):
+def save_checkpoint(out: Path, step: int, params: dict, opt, sched, acc, keep: int):
+    """Write RUN/checkpoints/step-N/ atomically: the trained tensors `params` (name -> tensor), optimizer, schedule
+    and every process's RNG state; keep the last `keep`."""
     from safetensors.torch import save_file
 
     final = out / "checkpoints" / f"step-{step:06d}"
@@ -282,7 +284,7 @@ def save_checkpoint(out: Path, step: int, model, opt, sched, acc, keep: int):
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file({n: p.detach().cpu().clone() for n, p in params.items()}, str(tmp / "trainable.safetensors"))
         torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "state.pt")
     acc.wait_for_everyone()
     torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / f"rng-{acc.process_index}.pt")
@@ -294,13 +296,13 @@ def save_checkpoint(out: Path, step: int, model, opt, sched, acc, keep: int):
     acc.wait_for_everyone()
 
 
-def load_checkpoint(path: Path, model, opt, sched, rank: int) -> int:
-    """Restore a checkpoint in place; returns the step it was taken at."""
+def load_checkpoint(path: Path, params: dict, opt, sched, rank: int) -> int:
+    """Restore a checkpoint into `params` (name -> tensor), the optimizer and schedule; returns its step."""
     from safetensors.torch import load_file
 
     tensors = load_file(str(path / "trainable.safetensors"))
-    own = dict(model.named_parameters())
-    missing = [n for n, p in own.items() if p.requires_grad and n not in tensors]
+    own = params
+    missing = [n for n in own if n not in tensors]
     if missing or any(n not in own for n in tensors):
         raise LoraError(f"{path} does not match this run's trainable parameters (e.g. {(missing or list(tensors))[0]!r}); "
                         "resume with the same model and LoRA settings")

@@ -1,0 +1,93 @@
+"""Images from a Stable Diffusion pipeline with stacked, weighted LoRAs: DPM-Solver++ by default, A1111 prompt
+tags `<lora:NAME:W>` / `<lora:NAME:TE_W:UNET_W>`, negative weights, optional fusing for speed."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import LoraError
+from .generate import parse_adapter
+from .io import load, read
+from .model import merge, set_weights
+from .pipeline import as_module
+
+TAG = re.compile(r"<lora:([^<>]*)>")
+
+
+def parse_tags(prompt: str) -> tuple[str, list[tuple[str, float, float]]]:
+    """(prompt without tags, [(name, text-encoder weight, unet weight)]) for A1111's `<lora:NAME[:TE[:UNET]]>`."""
+    found = []
+    for body in TAG.findall(prompt):
+        name, *weights = body.split(":")
+        if not name.strip() or len(weights) > 2:
+            raise LoraError(f"prompt tag <lora:{body}> is malformed; write <lora:NAME:WEIGHT> or <lora:NAME:TE:UNET>")
+        try:
+            w = [float(x) for x in weights] or [1.0]
+        except ValueError:
+            raise LoraError(f"prompt tag <lora:{body}>: weights must be numbers") from None
+        found.append((name.strip(), w[0], w[-1]))
+    rest = TAG.sub("", prompt)
+    if "<lora:" in rest:
+        raise LoraError(f"prompt {prompt!r} has an unclosed <lora:...> tag")
+    return " ".join(rest.split()), found
+
+
+def find_lora(name: str, lora_dir: str | None) -> Path:
+    """The file for a prompt tag's NAME in `lora_dir` (NAME.safetensors, or NAME as given)."""
+    if not lora_dir:
+        raise LoraError(f"prompt tag <lora:{name}> needs --lora-dir, the folder holding {name}.safetensors")
+    for cand in (Path(lora_dir) / f"{name}.safetensors", Path(lora_dir) / name):
+        if cand.is_file():
+            return cand
+    have = sorted(p.stem for p in Path(lora_dir).glob("*.safetensors"))
+    raise LoraError(f"no LoRA named {name!r} in {lora_dir}; it has {have or 'none'}")
+
+
+def load_pipeline(model: str | None, loras: list[str], prompt: str, lora_dir: str | None = None, fuse: bool = False,
+                  device=None):
+    """(pipeline with the LoRAs of `--lora FILE[:W]` and of the prompt's tags active, prompt without tags).
+    Without `model`, the base recorded in the first LoRA is used."""
+    from .train_sd import load_pipeline as load_base
+
+    prompt, tags = parse_tags(prompt)
+    specs = [(path, w, w) for path, w in map(parse_adapter, loras)]
+    specs += [(str(find_lora(name, lora_dir)), te, un) for name, te, un in tags]
+    if model is None:
+        if not specs:
+            raise LoraError("give --model, or a --lora whose file records its base model")
+        model = read(specs[0][0])[0].base_model
+        if not model:
+            raise LoraError(f"{specs[0][0]} does not record its base model; give --model")
+    pipe = load_base(model, device)
+    weights = {}
+    for k, (path, te, un) in enumerate(specs):
+        if te == un:
+            weights[load(pipe, path, name=f"lora{k}")] = un
+            continue
+        # different weights for the text encoder and the UNet: each part is its own adapter
+        a, _ = read(path)
+        comps = {p.split(".")[0] for p in a.modules}
+        for comp, w in (("unet", un), ("text_encoder", te), ("text_encoder_2", te)):
+            if comp in comps:
+                weights[load(getattr(pipe, comp), path, name=f"lora{k}_{comp}", component=comp)] = w
+    if weights:
+        set_weights(as_module(pipe), weights)
+        if fuse:
+            merge(pipe)
+    return pipe, prompt
+
+
+@torch.no_grad()
+def generate(pipe, prompt: str, negative_prompt: str | None = None, count: int = 4, steps: int = 25,
+             guidance: float = 7.5, seed: int = 0, size: int | None = None, scheduler: str = "dpm++") -> list:
+    """`count` PIL images for the prompt, with DPM-Solver++ multistep (or the pipeline's own scheduler)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    if scheduler == "dpm++":
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    g = torch.Generator().manual_seed(seed)
+    return pipe(prompt, negative_prompt=negative_prompt, num_images_per_prompt=count, num_inference_steps=steps,
+                guidance_scale=guidance, generator=g, height=size, width=size).images

@@ -1,0 +1,164 @@
+"""`lorakit train-sd` and `generate-image` on a tiny random Stable Diffusion pipeline: each mode trains only what
+it should, prior preservation is wired in, pivotal tokens are saved and restored, resume equals an uninterrupted
+run, prompt tags parse, and stacked LoRAs generate what their fused weights do."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import lorakit
+from lorakit import LoraError
+from lorakit import train as trainmod
+from lorakit.generate_image import load_pipeline, parse_tags
+from lorakit.train_sd import SDTrainConfig, train_sd
+from lorakit.train_sd import load_pipeline as load_base
+
+
+@pytest.fixture
+def sd_setup(tiny_sd, tmp_path):
+    tiny_sd.save_pretrained(tmp_path / "pipe")
+    data = tmp_path / "images"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(data / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"a photo of {'ab'[i % 2]} dog"})
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path
+
+
+def config(tmp, **kw):
+    base = dict(model=str(tmp / "pipe"), data=str(tmp / "images"), out=str(tmp / "run"), resolution=8, max_steps=3,
+                lr=1e-2, seed=1, validation_prompts=["a dog"], num_validation_images=2, validation_steps=2)
+    return SDTrainConfig(**{**base, **kw})
+
+
+def weights(pipe):
+    return {f"{c}.{k}": v.detach().clone() for c in ("unet", "text_encoder")
+            for k, v in getattr(pipe, c).state_dict().items()}
+
+
+def test_text2image_trains_only_lora_and_writes_adapter_curve_grid_and_card(sd_setup):
+    result = train_sd(config(sd_setup, export=["diffusers", "kohya"]))
+    run = sd_setup / "run"
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert Image.open(run / "samples" / "step-000003.png").size == (16, 8)  # 1 prompt x 2 images of 8 px
+    front = yaml.safe_load((run / "README.md").read_text().split("---")[1])
+    assert front["base_model"] == str(sd_setup / "pipe") and front["mode"] == "text2image"
+    a, _ = lorakit.read(run / "adapter.safetensors")
+    assert len(a.modules) == 4 * 2 * 6 and all(p.startswith("unet.") for p in a.modules)  # q,k,v,out x attn1,2 x 6 blocks
+    assert any(m.B.abs().sum() > 0 for m in a.modules.values())
+    assert lorakit.read(result["adapter_kohya"])[1] == "kohya"
+    # the base weights are untouched: loading the adapter onto a fresh base reproduces the trained pipeline
+    base = load_base(str(sd_setup / "pipe"))
+    before = weights(base)
+    lorakit.load(base, run / "adapter.safetensors")
+    lorakit.unload(base, merge=False)
+    assert all(torch.equal(v, weights(base)[k]) for k, v in before.items())
+
+
+def test_targets_cross_attn_conv_and_text_encoder(sd_setup):
+    train_sd(config(sd_setup, targets="cross-attn+conv", text_encoder=True, max_steps=1, validation_prompts=[]))
+    paths = list(lorakit.read(sd_setup / "run" / "adapter.safetensors")[0].modules)
+    assert not any(".attn1." in p for p in paths) and any(p.endswith("attn2.to_k") for p in paths)
+    assert any(p.endswith("resnets.0.conv1") for p in paths) and any(p.endswith("self_attn.out_proj") for p in paths)
+
+
+def test_dreambooth_prior_preservation_generates_class_images_and_adds_their_loss(sd_setup):
+    cfg = config(sd_setup, mode="dreambooth", instance_prompt="a photo of sks dog", prior_preservation=True,
+                 class_prompt="a photo of a dog", class_data=str(sd_setup / "class"), num_class_images=3,
+                 prior_loss_weight=0.5, validation_prompts=[])
+    train_sd(cfg)
+    assert len(list((sd_setup / "class").glob("*.png"))) == 3
+    metrics = [json.loads(x) for x in (sd_setup / "run" / "metrics.jsonl").read_text().splitlines()]
+    for m in metrics:
+        assert m["loss"] == pytest.approx(m["instance_loss"] + 0.5 * m["prior_loss"], rel=1e-5)
+
+
+def test_pivotal_changes_only_the_new_token_rows_and_lora_and_restores_them(sd_setup):
+    cfg = config(sd_setup, mode="pivotal", instance_prompt="a photo of <s1>", initializer_token="a", ti_steps=2,
+                 max_steps=2, ti_lr=0.1, validation_prompts=[])
+    train_sd(cfg)
+    a, _ = lorakit.read(sd_setup / "run" / "adapter.safetensors")
+    assert list(a.embeddings) == ["<s1>"]
+    base = load_base(str(sd_setup / "pipe"))
+    rows = base.text_encoder.get_input_embeddings().weight.detach().clone()
+    init = base.tokenizer.encode("a", add_special_tokens=False)[0]
+    assert not torch.equal(a.embeddings["<s1>"], rows[init])  # it moved from its initializer
+    lorakit.load(base, sd_setup / "run" / "adapter.safetensors")
+    new = base.tokenizer.convert_tokens_to_ids("<s1>")
+    after = base.text_encoder.get_input_embeddings().weight
+    assert torch.equal(after[new], a.embeddings["<s1>"])
+    assert torch.equal(after[: rows.shape[0]][torch.arange(rows.shape[0]) != new], rows[torch.arange(rows.shape[0]) != new])
+    metrics = [json.loads(x) for x in (sd_setup / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["phase"] for m in metrics] == ["inversion", "inversion", "lora", "lora"]
+
+
+def test_resume_after_a_kill_gives_the_identical_adapter(sd_setup, monkeypatch):
+    kw = dict(max_steps=4, save_every=2, validation_prompts=[], random_flip=True)
+    train_sd(config(sd_setup, out=str(sd_setup / "straight"), **kw))
+    original = trainmod.append_metrics
+
+    def die_at_3(out, record):
+        if record["step"] == 3:
+            raise KeyboardInterrupt
+        original(out, record)
+
+    import lorakit.train_sd as sdmod
+    monkeypatch.setattr(sdmod, "append_metrics", die_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_sd(config(sd_setup, out=str(sd_setup / "resumed"), **kw))
+    monkeypatch.setattr(sdmod, "append_metrics", original)
+    train_sd(config(sd_setup, out=str(sd_setup / "resumed"), resume=True, **kw))
+    a = lorakit.read(sd_setup / "straight" / "adapter.safetensors")[0]
+    b = lorakit.read(sd_setup / "resumed" / "adapter.safetensors")[0]
+    assert all(torch.equal(a.modules[p].B, b.modules[p].B) and torch.equal(a.modules[p].A, b.modules[p].A)
+               for p in a.modules)
+
+
+def test_cached_latents_train_the_same_adapter(sd_setup):
+    train_sd(config(sd_setup, out=str(sd_setup / "plain"), validation_prompts=[]))
+    train_sd(config(sd_setup, out=str(sd_setup / "cached"), validation_prompts=[], cache_latents=True))
+    a = lorakit.read(sd_setup / "plain" / "adapter.safetensors")[0]
+    b = lorakit.read(sd_setup / "cached" / "adapter.safetensors")[0]
+    assert all(torch.allclose(a.modules[p].B, b.modules[p].B, atol=1e-6) for p in a.modules)
+
+
+@pytest.mark.parametrize("prompt, clean, tags", [
+    ("a dog <lora:style:0.8>", "a dog", [("style", 0.8, 0.8)]),
+    ("<lora:slider:-1> a <lora:x:0.5:1.0>dog", "a dog", [("slider", -1.0, -1.0), ("x", 0.5, 1.0)]),
+    ("<lora:plain>", "", [("plain", 1.0, 1.0)]),
+])
+def test_prompt_tags(prompt, clean, tags):
+    assert parse_tags(prompt) == (clean, tags)
+
+
+@pytest.mark.parametrize("bad", ["<lora:x:a>", "<lora::1>", "<lora:x:1:2:3>", "a <lora:x:1"])
+def test_malformed_prompt_tags_are_refused(bad):
+    with pytest.raises(LoraError, match="lora"):
+        parse_tags(bad)
+
+
+def test_two_weighted_loras_generate_what_the_fused_pipeline_does(sd_setup):
+    for name, seed in (("one", 1), ("two", 2)):
+        train_sd(config(sd_setup, out=str(sd_setup / name), seed=seed, max_steps=2, validation_prompts=[]))
+    (sd_setup / "loras").mkdir()
+    for name in ("one", "two"):
+        (sd_setup / "loras" / f"{name}.safetensors").write_bytes((sd_setup / name / "adapter.safetensors").read_bytes())
+    images = []
+    for fuse in (False, True):
+        pipe, prompt = load_pipeline(None, [str(sd_setup / "one" / "adapter.safetensors") + ":0.7"],
+                                     "a dog <lora:two:-0.5>", str(sd_setup / "loras"), fuse=fuse)
+        assert prompt == "a dog" and lorakit.active(pipe) == {"lora0": 0.7, "lora1": -0.5}
+        images.append(pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0), height=8, width=8,
+                           output_type="np").images)
+    base, _ = load_pipeline(str(sd_setup / "pipe"), [], "a dog")
+    plain = base("a dog", num_inference_steps=2, generator=torch.Generator().manual_seed(0), height=8, width=8,
+                 output_type="np").images
+    assert np.abs(images[0] - images[1]).max() < 1e-4
+    assert np.abs(images[0] - plain).max() > 1e-3  # the LoRAs do something
