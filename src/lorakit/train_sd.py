@@ -87,6 +87,9 @@ def load_pipeline(model: str, device=None):
     """A diffusers pipeline from a folder or hub id, in fp32, on `device`."""
     from diffusers import DiffusionPipeline
 
+    from .digits import check_model
+
+    model = check_model(model)
     try:
         pipe = DiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
     except (OSError, ValueError) as e:
