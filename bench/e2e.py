@@ -133,6 +133,7 @@ def run_one(args) -> dict:
 
 # --- the comparison (parent process) --------------------------------------------------------------
 def table(results: list[dict], total_params: int) -> str:
+    """The markdown table; % is of the plain model's `total_params` (LoRA runs report theirs with the factors)."""
     lines = ["| config | lr | trainable params | % of model | BLEU | final train loss | s/step | peak RSS (MiB) | file |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
@@ -172,7 +173,9 @@ def main(argv=None):
 
     import torch
 
-    total_params = next((r["total_params"] for r in results if r.get("total_params")), 134_515_008)
+    plain = [r["total_params"] - (0 if r["config"] == "full" else r["trainable_params"])
+             for r in results if r.get("total_params")]
+    total_params = plain[0] if plain else 134_515_008  # SmolLM2-135M
     total = time.perf_counter() - started
     md = table(results, total_params)
     notes = (f"SmolLM2-135M-Instruct trained on all {n_train:,} lines of E2E valid.txt for {args.steps} steps x batch "
