@@ -62,6 +62,32 @@ def test_text2image_trains_only_lora_and_writes_adapter_curve_grid_and_card(sd_s
     assert all(torch.equal(v, weights(base)[k]) for k, v in before.items())
 
 
+def test_only_lora_factors_train(sd_setup):
+    from safetensors.torch import load_file
+
+    train_sd(config(sd_setup, max_steps=3, save_every=2, validation_prompts=[], text_encoder=True))
+    trained = load_file(str(sd_setup / "run" / "checkpoints" / "step-000002" / "trainable.safetensors"))
+    a, _ = lorakit.read(sd_setup / "run" / "adapter.safetensors")
+    shapes = sorted(tuple(t.shape) for m in a.modules.values() for t in (m.A, m.B))
+    assert sorted(tuple(t.shape) for t in trained.values()) == shapes  # the checkpoint holds the factors, nothing else
+
+
+def test_cli_trains_from_yaml_and_generates_a_grid(sd_setup, capsys):
+    from lorakit.cli import main
+
+    (sd_setup / "run.yaml").write_text(yaml.safe_dump({
+        "model": str(sd_setup / "pipe"), "data": str(sd_setup / "images"), "out": str(sd_setup / "run"),
+        "resolution": 8, "max_steps": 2, "validation_prompts": []}))
+    assert main(["train-sd", "--config", str(sd_setup / "run.yaml"), "--targets", "cross-attn"]) == 0
+    assert main(["generate-image", "--lora", str(sd_setup / "run" / "adapter.safetensors") + ":-1", "--prompt",
+                 "a dog", "--negative-prompt", "a cat", "--steps", "2", "--count", "4", "--size", "8", "--out",
+                 str(sd_setup / "grid.png")]) == 0
+    assert Image.open(sd_setup / "grid.png").size == (16, 16)
+    assert main(["generate-image", "--prompt", "a <lora:nope:1> dog", "--lora-dir", str(sd_setup),
+                 "--model", str(sd_setup / "pipe")]) == 2
+    assert "no LoRA named 'nope'" in capsys.readouterr().err
+
+
 def test_targets_cross_attn_conv_and_text_encoder(sd_setup):
     train_sd(config(sd_setup, targets="cross-attn+conv", text_encoder=True, max_steps=1, validation_prompts=[]))
     paths = list(lorakit.read(sd_setup / "run" / "adapter.safetensors")[0].modules)
