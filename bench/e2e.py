@@ -116,8 +116,6 @@ def run_one(args) -> dict:
         else:
             model, tokenizer, _ = pretrained.load("smollm2-135m")
             if adapt:
-                import peft
-
                 model = peft.PeftModel.from_pretrained(model, str(work / name / "adapter"))
                 out["adapter_bytes"] = (work / name / "adapter" / "adapter_model.safetensors").stat().st_size
             else:

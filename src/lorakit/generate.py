@@ -22,18 +22,24 @@ def parse_adapter(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
+def base_model(model: str | None, files: list[str]) -> str:
+    """`model`, or else the base model recorded in the first adapter file."""
+    if model is not None:
+        return model
+    if not files:
+        raise LoraError("give --model, or an adapter whose file records its base model")
+    recorded = read(files[0])[0].base_model
+    if not recorded:
+        raise LoraError(f"{files[0]} does not record its base model; give --model")
+    return recorded
+
+
 def load_model(model: str | None, adapters: list[str], merge: bool = False):
     """(model, tokenizer) with `adapters` ("FILE[:WEIGHT]") loaded and active with their weights.
 
     Without `model`, the base model recorded in the first adapter is used."""
     specs = [parse_adapter(a) for a in adapters]
-    if model is None:
-        if not specs:
-            raise LoraError("give --model, or an --adapter whose file records its base model")
-        model = read(specs[0][0])[0].base_model
-        if not model:
-            raise LoraError(f"{specs[0][0]} does not record its base model; give --model")
-    m, tokenizer, _ = pretrained.load(model)
+    m, tokenizer, _ = pretrained.load(base_model(model, [path for path, _ in specs]))
     weights = {load(m, path): w for path, w in specs}
     if weights:
         set_weights(m, weights)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .errors import LoraError
-from .generate import parse_adapter
+from .generate import base_model, parse_adapter
 from .io import load, read
 from .model import merge, set_weights
 from .pipeline import as_module
@@ -55,13 +55,7 @@ def load_pipeline(model: str | None, loras: list[str], prompt: str, lora_dir: st
     prompt, tags = parse_tags(prompt)
     specs = [(path, w, w) for path, w in map(parse_adapter, loras)]
     specs += [(str(find_lora(name, lora_dir)), te, un) for name, te, un in tags]
-    if model is None:
-        if not specs:
-            raise LoraError("give --model, or a --lora whose file records its base model")
-        model = read(specs[0][0])[0].base_model
-        if not model:
-            raise LoraError(f"{specs[0][0]} does not record its base model; give --model")
-    pipe = load_base(model, device)
+    pipe = load_base(base_model(model, [path for path, _, _ in specs]), device)
     weights = {}
     for k, (path, te, un) in enumerate(specs):
         if te == un:

@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import LoraConfig, scale
 from .errors import LoraError
-from .layers import LoraLayer, SavedModule, fresh_copy, is_lora, kind_of, swap_in, swap_out
+from .layers import LoraLayer, SavedModule, fresh_copy, is_lora, swap_in, swap_out
 from .pipeline import accepts_pipeline, as_module, is_pipeline_view
 from .targeting import check_patterns, closest, find_targets, matches, plain_modules
 
