@@ -188,3 +188,33 @@ def test_two_weighted_loras_generate_what_the_fused_pipeline_does(sd_setup):
                  output_type="np").images
     assert np.abs(images[0] - images[1]).max() < 1e-4
     assert np.abs(images[0] - plain).max() > 1e-3  # the LoRAs do something
+
+
+def test_loss_options_run_and_v_prediction_uses_the_velocity(sd_setup):
+    import json as _json
+
+    from diffusers import DDPMScheduler
+
+    from lorakit.diffusion import denoising_loss, snr_weights
+
+    cfg_path = sd_setup / "pipe" / "scheduler" / "scheduler_config.json"
+    sched = _json.loads(cfg_path.read_text())
+    cfg_path.write_text(_json.dumps({**sched, "prediction_type": "v_prediction"}))
+    result = train_sd(config(sd_setup, max_steps=2, snr_gamma=5.0, noise_offset=0.1, precision="bf16",
+                             gradient_checkpointing=True, validation_prompts=[]))
+    assert np.isfinite(result["final_loss"])
+    # v-prediction: a UNet that outputs exactly v has zero loss; Min-SNR weights follow the formula
+    s = DDPMScheduler(prediction_type="v_prediction")
+    x0 = torch.randn(2, 4, 8, 8)
+
+    class Oracle(torch.nn.Module):
+        def forward(self, noisy, t, encoder_hidden_states):
+            a = s.alphas_cumprod[t].view(-1, 1, 1, 1)
+            eps = (noisy - a.sqrt() * x0) / (1 - a).sqrt()
+            return type("Out", (), {"sample": s.get_velocity(x0, eps, t)})()
+
+    loss = denoising_loss(Oracle(), s, x0, None, torch.Generator().manual_seed(0), snr_gamma=5.0)
+    assert loss.abs().max() < 1e-4
+    t = torch.tensor([10, 900])
+    snr = s.alphas_cumprod[t] / (1 - s.alphas_cumprod[t])
+    assert torch.allclose(snr_weights(s.alphas_cumprod, t, 5.0, "v_prediction"), torch.clamp(snr, max=5) / (snr + 1))
