@@ -82,14 +82,11 @@ def fresh(adapters: dict[str, float] | None = None):
 
 
 def save_grid(pipe, prompts: list[str], path: Path, seed: int):
-    import torch
-
     from lorakit import digits
+    from lorakit.generate_image import generate
     from lorakit.images import grid
-    from lorakit.train_sd import SDTrainConfig, sample
 
-    cfg = SDTrainConfig(resolution=digits.RESOLUTION, validation_steps=20, guidance_scale=3.0)
-    imgs = sample(pipe, prompts, 8, cfg, torch.Generator().manual_seed(seed))
+    imgs = generate(pipe, prompts, None, 8, 20, 3.0, seed, digits.RESOLUTION)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid([im.resize((64, 64), 0) for im in imgs], 8).save(path)
 

@@ -194,11 +194,10 @@ def ensure() -> Path:
 def accuracy(pipe, digit: int, prompt: str | None = None, n: int = 32, seed: int = 0, clf=None,
              steps: int = 20, guidance: float = 3.0) -> float:
     """The share of `n` samples for `prompt` (default: the digit's caption) the classifier reads as `digit`."""
-    from .train_sd import SDTrainConfig, sample
+    from .generate_image import generate
 
     clf = clf or classifier()
-    cfg = SDTrainConfig(resolution=RESOLUTION, validation_steps=steps, guidance_scale=guidance)
-    imgs = sample(pipe, [prompt or caption(digit)], n, cfg, torch.Generator().manual_seed(seed))
+    imgs = generate(pipe, prompt or caption(digit), None, n, steps, guidance, seed, RESOLUTION)
     import numpy as np
 
     pred = clf.predict(np.stack([from_pil(im) for im in imgs]))

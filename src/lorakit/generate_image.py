@@ -75,13 +75,16 @@ def load_pipeline(model: str | None, loras: list[str], prompt: str, lora_dir: st
 
 
 @torch.no_grad()
-def generate(pipe, prompt: str, negative_prompt: str | None = None, count: int = 4, steps: int = 25,
-             guidance: float = 7.5, seed: int = 0, size: int | None = None, scheduler: str = "dpm++") -> list:
-    """`count` PIL images for the prompt, with DPM-Solver++ multistep (or the pipeline's own scheduler)."""
+def generate(pipe, prompt: str | list[str], negative_prompt: str | None = None, count: int = 4, steps: int = 25,
+             guidance: float = 7.5, seed: int | torch.Generator = 0, size: int | None = None) -> list:
+    """`count` PIL images per prompt with DPM-Solver++ multistep (the pipeline's own scheduler is put back after)."""
     from diffusers import DPMSolverMultistepScheduler
 
-    if scheduler == "dpm++":
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
-    g = torch.Generator().manual_seed(seed)
-    return pipe(prompt, negative_prompt=negative_prompt, num_images_per_prompt=count, num_inference_steps=steps,
-                guidance_scale=guidance, generator=g, height=size, width=size).images
+    old = pipe.scheduler
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(old.config, algorithm_type="dpmsolver++")
+    g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
+    try:
+        return pipe(prompt, negative_prompt=negative_prompt, num_images_per_prompt=count, num_inference_steps=steps,
+                    guidance_scale=guidance, generator=g, height=size, width=size).images
+    finally:
+        pipe.scheduler = old

@@ -20,6 +20,7 @@ from .adapter import from_model
 from .config import LoraConfig
 from .diffusion import denoising_loss
 from .errors import LoraError
+from .generate_image import generate
 from .io import atomic_write, write
 from .model import inject, summary
 from .pipeline import as_module
@@ -112,20 +113,21 @@ class Images:
         self.pipe, self.pairs, self.cfg, self.cache = pipe, pairs, cfg, {}
 
     def latents(self, i: int, flip: bool, g: torch.Generator) -> torch.Tensor:
-        key = (i, flip)
-        if key not in self.cache:
-            x = imagelib.load_image(self.pairs[i][0], self.cfg.resolution, self.cfg.center_crop)
-            x = x.flip(-1) if flip else x
-            vae = self.pipe.vae
-            with torch.no_grad():
-                dist = vae.encode(x[None].to(vae.device, vae.dtype)).latent_dist
-            stats = (dist.mean[0], dist.std[0])
-            if not self.cfg.cache_latents:
-                mean, std = stats
-                return (mean + std * torch.randn(mean.shape, generator=g).to(mean)) * vae.config.scaling_factor
-            self.cache[key] = stats
-        mean, std = self.cache[key]
+        """A sample of image i's latent distribution (flipped), scaled as the UNet expects."""
+        mean, std = self.cache.get((i, flip)) or self.encode(i, flip)
         return (mean + std * torch.randn(mean.shape, generator=g).to(mean)) * self.pipe.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode(self, i: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of image i's VAE latent distribution, kept when latents are cached."""
+        x = imagelib.load_image(self.pairs[i][0], self.cfg.resolution, self.cfg.center_crop)
+        x = x.flip(-1) if flip else x
+        vae = self.pipe.vae
+        dist = vae.encode(x[None].to(vae.device, vae.dtype)).latent_dist
+        stats = (dist.mean[0], dist.std[0])
+        if self.cfg.cache_latents:
+            self.cache[(i, flip)] = stats
+        return stats
 
 
 def class_images(pipe, cfg: SDTrainConfig) -> list[tuple[Path, str]]:
@@ -142,27 +144,11 @@ def class_images(pipe, cfg: SDTrainConfig) -> list[tuple[Path, str]]:
 
         g = torch.Generator().manual_seed(cfg.seed + 1)
         for k in tqdm(range(len(have), cfg.num_class_images), desc="class images"):
-            img = sample(pipe, [cfg.class_prompt], 1, cfg, g)[0]
+            img = generate(pipe, cfg.class_prompt, None, 1, cfg.validation_steps, cfg.guidance_scale, g, cfg.resolution)[0]
             path = folder / f"class-{k:04d}.png"
             atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
         have = sorted(p for p in folder.iterdir() if p.suffix.lower() in imagelib.IMAGE_SUFFIXES)
     return [(p, cfg.class_prompt) for p in have[: cfg.num_class_images]]
-
-
-@torch.no_grad()
-def sample(pipe, prompts: list[str], per_prompt: int, cfg: SDTrainConfig, generator: torch.Generator) -> list:
-    """PIL images from the pipeline with DPM-Solver++ (its scheduler restored afterwards)."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    old = pipe.scheduler
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(old.config, algorithm_type="dpmsolver++")
-    try:
-        out = pipe(prompts, num_images_per_prompt=per_prompt, num_inference_steps=cfg.validation_steps,
-                   guidance_scale=cfg.guidance_scale, generator=generator, height=cfg.resolution,
-                   width=cfg.resolution).images
-    finally:
-        pipe.scheduler = old
-    return out
 
 
 def add_placeholders(pipe, tokens: list[str], initializer: str | None) -> list[int]:
@@ -263,7 +249,7 @@ def train_sd(cfg: SDTrainConfig) -> dict:
         for d in (data, class_data) if class_data else (data,):
             for i in range(len(d.pairs)):
                 for flip in (False, True) if cfg.random_flip else (False,):
-                    d.latents(i, flip, torch.Generator())
+                    d.encode(i, flip)
 
     start = 0
     if cfg.resume and checkpoints(out):
@@ -323,11 +309,7 @@ def train_sd(cfg: SDTrainConfig) -> dict:
     if cfg.full_finetune:
         pipe.save_pretrained(out / "pipeline")
     else:
-        a = from_model(as_module(pipe), "default") if lora_params else None
-        if a is None:  # pivotal with no LoRA steps: the embeddings alone
-            from .adapter import Adapter
-
-            a = Adapter({})
+        a = from_model(as_module(pipe), "default")
         a.base_model = cfg.model
         if token_ids:
             rows = text.get_input_embeddings().weight.detach().cpu()
@@ -359,7 +341,8 @@ def samples(pipe, cfg: SDTrainConfig, out: Path, step: int):
         return
     was = pipe.unet.training
     pipe.unet.eval()
-    imgs = sample(pipe, cfg.validation_prompts, cfg.num_validation_images, cfg, torch.Generator().manual_seed(cfg.seed))
+    imgs = generate(pipe, cfg.validation_prompts, None, cfg.num_validation_images, cfg.validation_steps,
+                    cfg.guidance_scale, cfg.seed, cfg.resolution)
     pipe.unet.train(was)
     path = out / "samples" / f"step-{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
