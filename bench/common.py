@@ -19,6 +19,11 @@ def report(result: dict):
     print(MARK + json.dumps(result), flush=True)
 
 
+def flags(args, names: list[str]) -> list[str]:
+    """`--name value` for each of the parent's parsed arguments `names`, to hand them to a child run."""
+    return [x for k in names for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+
+
 def run_child(script: str, args: list[str]) -> dict:
     """Parent side: run `script args` in a fresh interpreter, pass its output through, return its result line."""
     cmd = [sys.executable, script, *args]

@@ -30,7 +30,7 @@ import json
 import time
 from pathlib import Path
 
-from common import report, run_child
+from common import flags, report, run_child
 
 HERE = Path(__file__).resolve().parent
 DATA = (HERE.parent / ".." / "shared" / "data" / "e2e").resolve()
@@ -160,11 +160,9 @@ def main(argv=None):
           f"{data / 'test.txt'} ({n_lines} references); work dir {work}", flush=True)
     results = []
     for name in args.only or CONFIGS:
-        flags = ["--one", name, "--workdir", str(work), "--data-dir", str(data)]
-        for k in ("test_mrs", "steps", "batch_size", "max_length", "max_new_tokens", "num_beams", "seed", "lr_lora",
-                  "lr_full", "threads"):
-            flags += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-        found = run_child(__file__, flags)
+        found = run_child(__file__, ["--one", name, "--workdir", str(work), "--data-dir", str(data), *flags(args, [
+            "test_mrs", "steps", "batch_size", "max_length", "max_new_tokens", "num_beams", "seed", "lr_lora",
+            "lr_full", "threads"])])
         print(f"{name}: BLEU {found['bleu']:.2f}, peak RSS {found['peak_rss_mib']:.0f} MiB, "
               f"{found['process_wall_s']:.0f} s; e.g. {found['samples'][0]}", flush=True)
         results.append(found)

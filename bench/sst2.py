@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import report, run_child
+from common import flags, report, run_child
 
 HERE = Path(__file__).resolve().parent
 DATA = (HERE.parent / ".." / "shared" / "data" / "sst2").resolve()
@@ -167,10 +167,8 @@ def main(argv=None):
 
     results = []
     for name in args.only or CONFIGS:
-        flags = ["--one", name, "--workdir", str(work)]
-        for k in ("steps", "batch_size", "max_length", "seed", "lr_lora", "lr_full", "r", "alpha", "threads"):
-            flags += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-        found = run_child(__file__, flags)
+        found = run_child(__file__, ["--one", name, "--workdir", str(work), *flags(args, [
+            "steps", "batch_size", "max_length", "seed", "lr_lora", "lr_full", "r", "alpha", "threads"])])
         print(f"{name}: dev accuracy {found['eval_accuracy_before']:.4f} -> {found['eval_accuracy']:.4f}, "
               f"{found['seconds_per_step']:.3f} s/step, peak RSS {found['peak_rss_mib']:.0f} MiB, "
               f"{found['process_wall_s']:.0f} s in all", flush=True)

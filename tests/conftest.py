@@ -1,5 +1,7 @@
 """Shared test fixtures: tiny models saved as ordinary transformers folders (no downloads)."""
 
+import contextlib
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -23,6 +25,25 @@ def _save_tiny(folder):
 def save_tiny():
     """save_tiny(folder) writes a tiny Llama + word-level tokenizer (words: a b c) and returns the folder."""
     return _save_tiny
+
+
+@contextlib.contextmanager
+def killed_at(module, step: int):
+    """Within the block, a training run of `module` (lorakit.train or lorakit.train_sd) dies with KeyboardInterrupt
+    as it records step `step`, like a kill; the block expects that."""
+    real = module.append_metrics
+
+    def die(out, record):
+        if record["step"] == step:
+            raise KeyboardInterrupt
+        real(out, record)
+
+    module.append_metrics = die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        module.append_metrics = real
 
 
 def tiny_unet(layers_per_block=2, linear_proj=False):

@@ -13,6 +13,8 @@ from lorakit import LoraError, train as trainmod
 from lorakit.cli import main
 from lorakit.train import TrainConfig, train
 
+from conftest import killed_at
+
 
 @pytest.fixture
 def setup(tmp_path, save_tiny):
@@ -44,21 +46,11 @@ def test_training_writes_adapter_metrics_curve_and_card(setup):
     assert result["adapter_bytes"] == (run / "adapter.safetensors").stat().st_size < 20_000
 
 
-def test_resume_after_a_kill_gives_the_identical_adapter(setup, monkeypatch):
+def test_resume_after_a_kill_gives_the_identical_adapter(setup):
     train(config(setup, out=str(setup / "whole")))
     want = load_file(str(setup / "whole" / "adapter.safetensors"))
-
-    real = trainmod.append_metrics
-
-    def die_at_step_8(out, record):
-        if record["step"] == 8:
-            raise KeyboardInterrupt
-        real(out, record)
-
-    monkeypatch.setattr(trainmod, "append_metrics", die_at_step_8)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at(trainmod, 8):
         train(config(setup, save_every=5))
-    monkeypatch.setattr(trainmod, "append_metrics", real)
     assert [p.name for p in (setup / "run" / "checkpoints").iterdir()] == ["step-000005"]
     train(config(setup, save_every=5, resume=True))
     got = load_file(str(setup / "run" / "adapter.safetensors"))

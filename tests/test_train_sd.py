@@ -12,10 +12,11 @@ from PIL import Image
 
 import lorakit
 from lorakit import LoraError
-from lorakit import train as trainmod
 from lorakit.generate_image import load_pipeline, parse_tags
 from lorakit.train_sd import SDTrainConfig, train_sd
 from lorakit.train_sd import load_pipeline as load_base
+
+from conftest import killed_at
 
 
 @pytest.fixture
@@ -125,21 +126,13 @@ def test_pivotal_changes_only_the_new_token_rows_and_lora_and_restores_them(sd_s
     assert [m["phase"] for m in metrics] == ["inversion", "inversion", "lora", "lora"]
 
 
-def test_resume_after_a_kill_gives_the_identical_adapter(sd_setup, monkeypatch):
+def test_resume_after_a_kill_gives_the_identical_adapter(sd_setup):
+    import lorakit.train_sd as sdmod
+
     kw = dict(max_steps=4, save_every=2, validation_prompts=[], random_flip=True)
     train_sd(config(sd_setup, out=str(sd_setup / "straight"), **kw))
-    original = trainmod.append_metrics
-
-    def die_at_3(out, record):
-        if record["step"] == 3:
-            raise KeyboardInterrupt
-        original(out, record)
-
-    import lorakit.train_sd as sdmod
-    monkeypatch.setattr(sdmod, "append_metrics", die_at_3)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at(sdmod, 3):
         train_sd(config(sd_setup, out=str(sd_setup / "resumed"), **kw))
-    monkeypatch.setattr(sdmod, "append_metrics", original)
     train_sd(config(sd_setup, out=str(sd_setup / "resumed"), resume=True, **kw))
     a = lorakit.read(sd_setup / "straight" / "adapter.safetensors")[0]
     b = lorakit.read(sd_setup / "resumed" / "adapter.safetensors")[0]
