@@ -45,6 +45,7 @@ class Adapter:
     base_model: str | None = None
     fingerprint: dict[str, list[int]] = field(default_factory=dict)  # module -> base weight shape
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # learned token -> text-encoder embedding row
+    history: dict | None = None  # how it was made when not by training: combine/resize/extract, inputs and weights
 
     def common(self) -> tuple[int, float]:
         """The most common rank and alpha (what formats with one global r/alpha record)."""

@@ -88,7 +88,7 @@ def write(a: canonical.Adapter, path, format: str = "lorakit", **options) -> Pat
             path = path / (diffusers.WEIGHTS_NAME if format == "diffusers" else "lora.safetensors")
         module = diffusers if format == "diffusers" else kohya
         tensors, metadata = module.write(a, **options)
-        _save_tensors(path, tensors, metadata)
+        _save_tensors(path, tensors, {**metadata, **_history(a)})
         return path
     if format == "lorakit":
         if path.suffix != ".safetensors":
@@ -100,9 +100,14 @@ def write(a: canonical.Adapter, path, format: str = "lorakit", **options) -> Pat
             raise LoraError(f"{path}: a PEFT adapter is a folder; give a folder path")
         config, tensors = peft.write(a)
         path.mkdir(parents=True, exist_ok=True)
-        _save_tensors(path / peft.WEIGHTS_NAME, tensors, {"format": "pt"})
+        _save_tensors(path / peft.WEIGHTS_NAME, tensors, {"format": "pt", **_history(a)})
         atomic_write(path / peft.CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     return path
+
+
+def _history(a: canonical.Adapter) -> dict:
+    """How a combined/resized/extracted adapter was made, as header metadata for the other formats."""
+    return {"lorakit_history": json.dumps(a.history)} if a.history else {}
 
 
 def _default_adapter(model: nn.Module) -> str:

@@ -34,6 +34,16 @@ def kind_of(module: nn.Module) -> str | None:
     return None
 
 
+def delta(A: torch.Tensor, B: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """B·A as an (out x in·k) matrix, for factors in nn.Linear orientation (conv kernels flattened): the one place
+    the product of the factors is formed. A grouped conv's ΔW is block-diagonal over its groups."""
+    if groups == 1:
+        return B.flatten(1) @ A.flatten(1)
+    Bg = B.reshape(groups, B.shape[0] // groups, B.shape[1])
+    Ag = A.reshape(groups, A.shape[0] // groups, -1)
+    return torch.bmm(Bg, Ag).reshape(B.shape[0], -1)
+
+
 def factor_shapes(module: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The shapes of A and B for a rank-r adapter on `module` (a plain or lorakit layer)."""
     w, kind = module.weight, kind_of(module)
@@ -123,14 +133,9 @@ class LoraLayer(nn.Module):
         """ΔW = Σ w·s·B·A in the layout of `self.weight` (computed in fp32 for half-precision bases)."""
         half = self.weight.dtype in (torch.float16, torch.bfloat16)
         A, B = self.lora_factors(weights, torch.float32 if half else None)
-        if self.lora_kind == "linear":
-            return B @ A
         if self.lora_kind in ("conv1d_t", "embedding"):
-            return (B @ A).T
-        g, shape = self.groups, self.weight.shape
-        Bg = B.reshape(g, B.shape[0] // g, B.shape[1])
-        Ag = A.reshape(g, A.shape[0] // g, -1)
-        return torch.bmm(Bg, Ag).reshape(shape)
+            return delta(A, B).T
+        return delta(A, B, getattr(self, "groups", 1)).reshape(self.weight.shape)
 
     def lora_update(self, x: torch.Tensor, weights: dict[str, float]) -> torch.Tensor:
         """The output added to base(x) by the adapters in `weights`."""

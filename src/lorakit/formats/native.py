@@ -4,7 +4,8 @@ Tensors: ``lora.<module>.A``, ``lora.<module>.B``, ``saved.<module>.<param>`` (m
 ``bias.<module>`` (trained biases), ``embed.<token>`` (learned text-encoder token embeddings). Header
 metadata (strings): ``format`` = "lorakit", ``format_version``, ``base_model``, ``config`` (the LoraConfig
 as JSON), ``modules`` (per module kind, r and alpha), ``targets``, ``saved``, ``fingerprint`` (each
-targeted base weight's shape) and ``embeddings`` (the tokens, a JSON list; absent in older files: none).
+targeted base weight's shape), ``embeddings`` (the tokens, a JSON list; absent in older files: none) and
+``history`` (how a combined, resized or extracted adapter was made: method, inputs and weights).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def write(adapter: Adapter) -> tuple[dict, dict]:
     }
     if adapter.embeddings:
         metadata["embeddings"] = json.dumps(list(adapter.embeddings))
+    if adapter.history:
+        metadata["history"] = json.dumps(adapter.history)
     return tensors, metadata
 
 
@@ -60,10 +63,11 @@ def read(tensors: dict, metadata: dict, source: str) -> Adapter:
         cfg = json.loads(metadata.get("config", "{}"))
         use_rslora = json.loads(metadata.get("use_rslora", "false"))
         tokens = json.loads(metadata.get("embeddings", "[]"))
+        history = json.loads(metadata.get("history", "null"))
     except (KeyError, json.JSONDecodeError) as e:
         raise LoraError(f"{source}: the lorakit header is damaged ({e}); re-save the adapter") from None
     a = Adapter({}, use_rslora, config=LoraConfig.from_dict(cfg) if cfg else None,
-                base_model=metadata.get("base_model") or None, fingerprint=fingerprint)
+                base_model=metadata.get("base_model") or None, fingerprint=fingerprint, history=history)
     used = set()
     for path, info in modules.items():
         ka, kb = f"lora.{path}.A", f"lora.{path}.B"
