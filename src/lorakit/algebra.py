@@ -24,33 +24,11 @@ import torch
 from .adapter import Adapter, ModuleLora
 from .config import scale
 from .errors import LoraError, warn
+from .guard import GUARDS, Part, guard, lowrank_svd
 from .layers import delta
 
 METHODS = ("cat", "svd", "linear", "ties", "dare", "ties-svd", "dare-svd")
-GUARDS = ("spectral", "shared", "norm")
 DYNAMIC = ("energy", "fro", "ratio", "cumulative")
-
-
-@dataclass
-class Part:
-    """One input's contribution to one module (float64, flattened): A (r x in·k), B (out x r), scale s, weight w."""
-
-    A: torch.Tensor
-    Braw: torch.Tensor
-    s: float = 1.0
-    w: float = 1.0
-
-    @property
-    def r(self) -> int:
-        return self.A.shape[0]
-
-    @property
-    def B(self) -> torch.Tensor:
-        """B with w·s folded in."""
-        return self.Braw if self.w * self.s == 1 else self.Braw * (self.w * self.s)
-
-    def delta(self) -> torch.Tensor:
-        return delta(self.A, self.B)
 
 
 @dataclass
@@ -77,15 +55,7 @@ class Report:
         return rows
 
 
-# --- the low-rank SVD ----------------------------------------------------------------------------
-def lowrank_svd(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U, S, Vh of B·A (B out x R, A R x in) without forming it: QR of B and Aᵀ, SVD of the R x R core."""
-    Qb, Rb = torch.linalg.qr(B.double())
-    Qa, Ra = torch.linalg.qr(A.double().T)
-    Uc, S, Vch = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
-    return Qb @ Uc, S, Vch @ Qa.T
-
-
+# --- SVD and rank rules ---------------------------------------------------------------------------
 def svd(D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.linalg.svd(D.double(), full_matrices=False)
 
@@ -131,33 +101,6 @@ def clamp_quantile(B: torch.Tensor, A: torch.Tensor, q: float | None) -> tuple[t
         raise LoraError(f"clamp quantile must be in (0, 1], got {q}")
     hi = torch.quantile(torch.cat([B.flatten(), A.flatten()]).abs().float(), q).double()
     return B.clamp(-hi, hi), A.clamp(-hi, hi)
-
-
-# --- the guard ------------------------------------------------------------------------------------
-def guard(parts: list[Part], method: str) -> Part:
-    """A stack of weighted updates with burn-out held back, as factors of rank ≤ Σ r_i:
-    - spectral: each singular value of Σ ΔW_i capped at the largest input's spectral norm;
-    - shared:   each direction v_k of Σ ΔW_i gets at most the largest gain ‖ΔW_i v_k‖ any one input gives it, so a
-                direction several inputs share is counted once, and directions only one input has pass unchanged;
-    - norm:     Σ ΔW_i scaled down to the largest input's Frobenius norm.
-    One input passes unchanged under every method."""
-    if method not in GUARDS:
-        raise LoraError(f"unknown guard {method!r}; choose one of {GUARDS}")
-    A = torch.cat([p.A for p in parts], 0)
-    B = torch.cat([p.B for p in parts], 1)
-    if len(parts) == 1:
-        return Part(A, B)
-    U, S, Vh = lowrank_svd(A, B)
-    if method == "norm":
-        cap = max(float(torch.linalg.matrix_norm(p.delta(), "fro")) for p in parts)
-        S = S * min(1.0, cap / max(float(S.norm()), 1e-300))
-    elif method == "spectral":
-        cap = max(float(lowrank_svd(p.A, p.B)[1][0]) for p in parts)
-        S = S.clamp(max=cap)
-    else:
-        gains = torch.stack([(p.B @ (p.A @ Vh.T)).norm(dim=0) for p in parts])  # input x direction
-        S = torch.minimum(S, gains.max(0).values)
-    return Part(Vh, U * S)
 
 
 # --- combine --------------------------------------------------------------------------------------
@@ -245,6 +188,8 @@ def combine(inputs: list[tuple[Adapter, float] | tuple[Adapter, float, str]], me
             raise LoraError(f"--method {method} needs --density in (0, 1] (the share of each ΔW kept), got {density}")
     if majority not in ("total", "frequency"):
         raise LoraError(f"--majority must be 'total' or 'frequency', got {majority!r}")
+    if guard_method is not None and guard_method not in GUARDS:
+        raise LoraError(f"unknown guard {guard_method!r}; choose one of {GUARDS}")
     if guard_method is not None and method not in ("cat", "svd"):
         raise LoraError(f"a guard applies to the exact sum (cat, svd), not to {method}")
     if rank is not None and rank < 1:

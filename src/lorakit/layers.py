@@ -81,6 +81,7 @@ class LoraLayer(nn.Module):
         self.lora_dropout: dict[str, float] = {}
         self.lora_weights: dict[str, float] = {}  # the active adapters and their weights
         self.lora_merged: dict[str, float] = {}  # what merge() added to the weight
+        self.lora_guarded: tuple[torch.Tensor, torch.Tensor] | None = None  # guarded factors of lora_weights
         self.disabled = False
         self._lora_hook = self.register_load_state_dict_post_hook(_adapter_keys_optional)
 
@@ -114,10 +115,14 @@ class LoraLayer(nn.Module):
             del d[name]
         for d in (self.lora_alpha, self.lora_scale, self.lora_dropout, self.lora_weights):
             d.pop(name, None)
+        self.lora_guarded = None
 
     # --- the math ------------------------------------------------------------------------------
     def lora_factors(self, weights: dict[str, float], dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """A and B of the weighted sum of `weights`' adapters, stacked along the rank (w·s folded into B)."""
+        """A and B of the weighted sum of `weights`' adapters, stacked along the rank (w·s folded into B); the
+        guarded factors instead when set_weights gave a guard for this set."""
+        if self.lora_guarded is not None and weights == self.lora_weights:
+            return tuple(t.to(dtype) for t in self.lora_guarded)
         A = [self.lora_A[n].to(dtype) for n in weights]
         B = [b if (c := w * self.lora_scale[n]) == 1 else b * c
              for n, w in weights.items() for b in [self.lora_B[n].to(dtype)]]
@@ -264,7 +269,8 @@ def swap_out(module: nn.Module) -> nn.Module:
     for attr in ("lora_A", "lora_B", "lora_copies"):
         if attr in module._modules:
             del module._modules[attr]
-    for attr in ("lora_kind", "lora_alpha", "lora_scale", "lora_dropout", "lora_weights", "lora_merged", "disabled", "_lora_hook"):
+    for attr in ("lora_kind", "lora_alpha", "lora_scale", "lora_dropout", "lora_weights", "lora_merged", "lora_guarded",
+                 "disabled", "_lora_hook"):
         module.__dict__.pop(attr, None)
     module.__class__ = type(module).__mro__[2]
     return module

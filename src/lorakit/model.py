@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import LoraConfig, scale
 from .errors import LoraError
+from .guard import GUARDS, Part, guard as guarded
 from .layers import LoraLayer, SavedModule, fresh_copy, is_lora, swap_in, swap_out
 from .pipeline import accepts_pipeline, as_module, is_pipeline_view
 from .targeting import check_patterns, closest, find_targets, matches, plain_modules
@@ -171,11 +172,12 @@ def _known(model: nn.Module, names):
 
 # --- the active set -------------------------------------------------------------------------------
 @accepts_pipeline
-def set_weights(model: nn.Module, weights: dict[str, float] | list[str] | str) -> nn.Module:
+def set_weights(model: nn.Module, weights: dict[str, float] | list[str] | str, guard: str | None = None) -> nn.Module:
     """Activate exactly these adapters with these weights (any real numbers, negative included).
 
     The model then computes W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ; a name alone means weight 1; {} means the base model.
-    Only the active adapters are trainable.
+    Only the active adapters are trainable. guard="spectral"|"shared"|"norm" holds back burn-out where several
+    adapters meet in a layer (lorakit.guard); guarded stacks are for inference, so nothing is left trainable.
     """
     if isinstance(weights, str):
         weights = [weights]
@@ -185,10 +187,27 @@ def set_weights(model: nn.Module, weights: dict[str, float] | list[str] | str) -
     layers = lora_modules(model)
     if any(m.lora_merged for m in layers.values()):
         raise LoraError("the model has merged adapters; unmerge(model) before changing the active set")
-    for m in layers.values():
-        have = m.lora_names()
-        m.lora_weights = {n: float(w) for n, w in weights.items() if n in have}
+    if guard is not None and guard not in GUARDS:
+        raise LoraError(f"unknown guard {guard!r}; choose one of {GUARDS}")
+    guards = {}
+    for path, m in layers.items():
+        on = {n: float(w) for n, w in weights.items() if n in m.lora_names()}
+        if guard and isinstance(m, LoraLayer) and len(on) > 1:
+            if getattr(m, "groups", 1) > 1:
+                raise LoraError(f"module {path!r} is a grouped conv; the guard cannot factor its update")
+            with torch.no_grad():
+                p = guarded([Part(m.lora_A[n].double().flatten(1), m.lora_B[n].double().flatten(1), m.lora_scale[n], w)
+                             for n, w in on.items()], guard)
+            A0, B0 = m.lora_A[next(iter(on))], m.lora_B[next(iter(on))]
+            guards[path] = (p.A.reshape(-1, *A0.shape[1:]).to(A0.dtype), p.B.reshape(*p.B.shape, *B0.shape[2:]).to(B0.dtype))
+    for path, m in layers.items():
+        m.lora_weights = {n: float(w) for n, w in weights.items() if n in m.lora_names()}
+        if isinstance(m, LoraLayer):
+            m.lora_guarded = guards.get(path)
     _freeze_for(model)
+    if guard:
+        for p in model.parameters():
+            p.requires_grad_(False)
     return model
 
 
