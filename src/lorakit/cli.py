@@ -9,7 +9,9 @@ from pathlib import Path
 
 from .config import scale
 from .errors import LoraError
-from .io import FORMATS, atomic_write, convert, read
+from .algebra import METHODS
+from .guard import GUARDS
+from .io import FORMATS, atomic_write, convert, read, write
 
 
 def inspect(path: str, allow_pickle: bool = False) -> str:
@@ -85,7 +87,7 @@ def config_from(args: argparse.Namespace, cls):
 def run_generate(args):
     from .generate import complete, load_model
 
-    model, tokenizer = load_model(args.model, args.adapter, args.merge)
+    model, tokenizer = load_model(args.model, args.adapter, args.merge, args.guard)
     kw = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, chat=args.chat)
     if args.prompt:
         for prompt, text in zip(args.prompt, complete(model, tokenizer, args.prompt, **kw)):
@@ -102,7 +104,7 @@ def run_generate_image(args):
     from .generate_image import generate, load_pipeline
     from .images import grid
 
-    pipe, prompt = load_pipeline(args.model, args.lora, args.prompt, args.lora_dir, args.fuse)
+    pipe, prompt = load_pipeline(args.model, args.lora, args.prompt, args.lora_dir, args.fuse, guard=args.guard)
     images = generate(pipe, prompt, args.negative_prompt, args.count, args.steps, args.guidance, args.seed, args.size)
     out = Path(args.out)
     img = grid(images)
@@ -110,11 +112,74 @@ def run_generate_image(args):
     print(f"wrote {out} ({len(images)} images for {prompt!r})")
 
 
+def run_combine(args):
+    from .algebra import combine
+    from .generate import parse_adapter
+
+    specs = [parse_adapter(f) for f in args.files]
+    inputs = [(read(path, allow_pickle=args.allow_pickle)[0], w, path) for path, w in specs]
+    a = combine(inputs, args.method, rank=args.rank, density=args.density, majority=args.majority, seed=args.seed,
+                clamp=args.clamp_quantile, dynamic=args.dynamic, guard_method=args.guard)
+    if args.method == "linear":
+        print("note: --method linear is PEFT's, an approximation (cross terms between inputs); cat is exact")
+    out = write(a, args.out, args.format)
+    ranks = sorted({m.r for m in a.modules.values()})
+    print(f"wrote {out} ({args.format}): {len(a.modules)} modules, rank {ranks[0]}"
+          f"{f'..{ranks[-1]}' if len(ranks) > 1 else ''}, {args.method} of {len(inputs)} adapters")
+
+
+def run_resize(args):
+    from .algebra import resize
+
+    a, report = resize(read(args.file, allow_pickle=args.allow_pickle)[0], args.rank, args.dynamic, args.clamp_quantile)
+    print("\n".join(report.lines()))
+    print(f"wrote {write(a, args.out, args.format)} ({args.format})")
+
+
+def run_extract(args):
+    from .algebra import extract
+    from .merged import load_base
+
+    base, tuned = load_base(args.base, tokenizer=False)[0], load_base(args.tuned, tokenizer=False)[0]
+    targets = args.targets if args.targets in (None, "all-linear") else [t for t in args.targets.split(",") if t]
+    a, report = extract(base, tuned, args.rank, args.dynamic, targets, args.clamp_quantile, args.min_diff,
+                        base_model=args.base)
+    print("\n".join(report.lines()))
+    print(f"wrote {write(a, args.out, args.format)} ({args.format})")
+
+
+def add_adapter_flags(p: argparse.ArgumentParser, guard: bool = True):
+    p.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt files (weights only)")
+    if guard:
+        p.add_argument("--guard", choices=GUARDS, help="hold back burn-out where stacked adapters meet (see README)")
+
+
+def add_svd_flags(p: argparse.ArgumentParser, rank_help: str):
+    p.add_argument("--rank", type=int, help=rank_help)
+    p.add_argument("--dynamic", metavar="RULE", help="per-module rank: energy=E (kept share of Σσ²), fro=F, ratio=R "
+                   "(keep σ ≥ σ₁/R) or cumulative=C; --rank caps it")
+    p.add_argument("--clamp-quantile", type=float, metavar="Q", help="clip factor entries to their Q-quantile (kohya)")
+    p.add_argument("--format", default="lorakit", choices=FORMATS, help="output format")
+    p.add_argument("--out", required=True, help="output file (.safetensors) or folder (peft)")
+
+
+def run_analyze(args):
+    from .analysis import analyze, load_base, summary
+    from .analysis import write as write_analysis
+
+    a = read(args.file, allow_pickle=args.allow_pickle)[0]
+    vs = read(args.vs, allow_pickle=args.allow_pickle)[0] if args.vs else None
+    result = analyze(a, vs=vs, base=load_base(args.base) if args.base else None)
+    print("\n".join(summary(result)))
+    print("wrote " + ", ".join(map(str, write_analysis(result, args.out))))
+
+
 def main(argv: list[str] | None = None) -> int:
     from .train import TrainConfig
     from .train_sd import SDTrainConfig
 
-    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA adapters: train, generate, inspect, convert.")
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA adapters: train, generate, inspect, convert, combine, "
+                                     "resize, extract, merge-into.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="describe an adapter file or PEFT folder")
     p.add_argument("file")
@@ -142,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     gi.add_argument("--size", type=int, help="image side in pixels (default: the model's)")
     gi.add_argument("--count", type=int, default=4, help="images, laid out as one grid")
     gi.add_argument("--fuse", action="store_true", help="merge the LoRAs into the weights first (faster)")
+    gi.add_argument("--guard", choices=GUARDS, help="hold back burn-out where stacked LoRAs meet (tags included)")
     gi.add_argument("--out", default="images.png")
     g = sub.add_parser("generate", help="generate text with weighted adapters on a base model")
     g.add_argument("--model", help="base model (default: the one recorded in the first adapter)")
@@ -150,8 +216,41 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--prompt", action="append", help="text to continue; repeat for several")
     g.add_argument("--chat", action="store_true", help="use the chat template; without --prompt, read turns from stdin")
     g.add_argument("--merge", action="store_true", help="merge the adapters into the weights first (faster)")
+    g.add_argument("--guard", choices=GUARDS, help="hold back burn-out where stacked adapters meet")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--num-beams", type=int, default=1)
+    cb = sub.add_parser("combine", help="one adapter from several weighted ones (cat exact; svd, ties, dare, linear)")
+    cb.add_argument("files", nargs="+", metavar="F[:W]", help="adapters and their weights (negative allowed)")
+    cb.add_argument("--method", default="cat", choices=METHODS)
+    cb.add_argument("--density", type=float, help="ties/dare: the share of each ΔW kept")
+    cb.add_argument("--majority", default="total", choices=["total", "frequency"], help="ties: how the sign is elected")
+    cb.add_argument("--seed", type=int, default=0, help="dare: the random drop")
+    add_svd_flags(cb, "svd/ties/dare: rank of the result (default: the largest input rank of each module)")
+    add_adapter_flags(cb)
+    rs = sub.add_parser("resize", help="truncate an adapter's rank by SVD, keeping its scale")
+    rs.add_argument("file")
+    add_svd_flags(rs, "the new rank (a module of rank ≤ K is kept exactly)")
+    add_adapter_flags(rs, guard=False)
+    ex = sub.add_parser("extract", help="a LoRA from the difference of two models (fine-tune minus base)")
+    ex.add_argument("--base", required=True, help="the base model: transformers folder/hub id, pipeline or UNet folder")
+    ex.add_argument("--tuned", required=True, help="the fine-tuned model, same architecture")
+    ex.add_argument("--targets", help="comma-separated module names/suffixes, or all-linear (default: every Linear, "
+                    "Conv, Conv1D and Embedding whose weight changed)")
+    ex.add_argument("--min-diff", type=float, default=0.0, help="skip modules whose weights differ by at most this")
+    add_svd_flags(ex, "rank of the LoRA")
+    mi = sub.add_parser("merge-into", help="a plain model folder with adapters merged into its weights")
+    mi.add_argument("--model", help="base model (default: the one recorded in the first adapter)")
+    mi.add_argument("--adapter", action="append", required=True, metavar="F[:W]", help="repeat to stack")
+    mi.add_argument("--out", required=True, help="a new folder (save_pretrained layout)")
+    add_adapter_flags(mi)
+    an = sub.add_parser("analyze", help="the LoRA paper's §7 analyses: spectra and effective rank of ΔW, subspace "
+                        "similarity φ with another adapter, amplification of the base weight")
+    an.add_argument("file", help="adapter file or PEFT folder, any format lorakit reads")
+    an.add_argument("--vs", metavar="F2", help="a second adapter (e.g. another rank): φ(i, j) of the two A's")
+    an.add_argument("--base", metavar="M", help="the base model (transformers folder/hub id/.gguf/embedded, a "
+                    "pipeline folder or digits): ‖UᵀWVᵀ‖_F and the amplification factor")
+    an.add_argument("--out", required=True, help="folder for analysis.json and the plots")
+    an.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt files (weights only)")
     args = parser.parse_args(argv)
     try:
         if args.command == "inspect":
@@ -173,6 +272,21 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(f"{k}: {v}" for k, v in result.items()))
         elif args.command == "generate-image":
             run_generate_image(args)
+        elif args.command == "analyze":
+            run_analyze(args)
+        elif args.command == "combine":
+            run_combine(args)
+        elif args.command == "resize":
+            run_resize(args)
+        elif args.command == "extract":
+            run_extract(args)
+        elif args.command == "merge-into":
+            from .generate import base_model, parse_adapter
+            from .merged import merge_into
+
+            specs = [parse_adapter(a) for a in args.adapter]
+            out = merge_into(base_model(args.model, [p for p, _ in specs]), specs, args.out, args.guard, args.allow_pickle)
+            print(f"wrote {out}")
     except LoraError as e:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2

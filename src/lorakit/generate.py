@@ -34,15 +34,14 @@ def base_model(model: str | None, files: list[str]) -> str:
     return recorded
 
 
-def load_model(model: str | None, adapters: list[str], merge: bool = False):
-    """(model, tokenizer) with `adapters` ("FILE[:WEIGHT]") loaded and active with their weights.
-
-    Without `model`, the base model recorded in the first adapter is used."""
+def load_model(model: str | None, adapters: list[str], merge: bool = False, guard: str | None = None):
+    """(model, tokenizer) with `adapters` ("FILE[:WEIGHT]") loaded and active with their weights (`guard`: see
+    set_weights). Without `model`, the base model recorded in the first adapter is used."""
     specs = [parse_adapter(a) for a in adapters]
     m, tokenizer, _ = pretrained.load(base_model(model, [path for path, _ in specs]))
     weights = {load(m, path): w for path, w in specs}
     if weights:
-        set_weights(m, weights)
+        set_weights(m, weights, guard=guard)
         if merge:
             merge_adapters(m)
     return m.eval(), tokenizer

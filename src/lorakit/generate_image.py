@@ -47,9 +47,9 @@ def find_lora(name: str, lora_dir: str | None) -> Path:
 
 
 def load_pipeline(model: str | None, loras: list[str], prompt: str, lora_dir: str | None = None, fuse: bool = False,
-                  device=None):
+                  device=None, guard: str | None = None):
     """(pipeline with the LoRAs of `--lora FILE[:W]` and of the prompt's tags active, prompt without tags).
-    Without `model`, the base recorded in the first LoRA is used."""
+    Without `model`, the base recorded in the first LoRA is used; `guard` holds back burn-out (set_weights)."""
     from .train_sd import load_pipeline as load_base
 
     prompt, tags = parse_tags(prompt)
@@ -68,7 +68,7 @@ def load_pipeline(model: str | None, loras: list[str], prompt: str, lora_dir: st
             if comp in comps:
                 weights[load(getattr(pipe, comp), path, name=f"lora{k}_{comp}", component=comp)] = w
     if weights:
-        set_weights(as_module(pipe), weights)
+        set_weights(as_module(pipe), weights, guard=guard)
         if fuse:
             merge(pipe)
     return pipe, prompt
