@@ -165,7 +165,10 @@ def write(result: dict, out_dir) -> list[Path]:
     out = Path(out_dir)
     mods = result["modules"]
     written = [out / "analysis.json"]
-    atomic_write(written[0], lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1) + "\n"))
+    rows = [f" {json.dumps(k)}: {json.dumps(v)}" for k, v in result.items() if k != "modules"]
+    rows.append(' "modules": {\n' + ",\n".join(f"  {json.dumps(p)}: {json.dumps(m)}" for p, m in mods.items()) + "\n }")
+    text = "{\n" + ",\n".join(rows) + "\n}\n"  # one line per module
+    atomic_write(written[0], lambda tmp: Path(tmp).write_text(text))
 
     def save(fig, name):
         fig.tight_layout()
