@@ -369,13 +369,13 @@ def extract(base, tuned, rank: int | None = None, dynamic: str | None = None, ta
         report.add(path, min(D.shape), S, k)
         B, A = clamp_quantile(U[:, :k] * S[:k], Vh[:k], clamp)
         conv = kind == "conv"
-        out.modules[path] = _shaped(A, B, m.weight.shape[1:] if conv else (), (1,) * (m.weight.dim() - 2) if conv else (),
+        out.modules[path] = _shaped(A, B, m.weight.shape[1:] if conv else A.shape[1:], (1,) * (m.weight.dim() - 2) if conv else (),
                                     k, kind, m.weight.dtype)
         out.fingerprint[path] = list(m.weight.shape)
     covered = {f"{p}.weight" for p in out.modules}
     tp = dict(tuned.named_parameters())
     changed = [n for n, p in base.named_parameters() if n not in covered and n in tp and tp[n].shape == p.shape
-               and not torch.equal(tp[n], p) and float((tp[n].double() - p.double()).abs().max()) > min_diff
+               and not torch.equal(tp[n], p) and float((tp[n].detach().double() - p.detach().double()).abs().max()) > min_diff
                and not any(n == f"{q}.weight" for q in names)]
     if changed:
         warn(f"{len(changed)} other tensors differ between the models and are not in the LoRA: "
