@@ -151,17 +151,22 @@ def _shaped(A, B, a_tail, b_tail, alpha: float, kind: str | None, dtype) -> Modu
     return ModuleLora(A, B, alpha, kind)
 
 
-def _ties(deltas: torch.Tensor, density: float, majority: str) -> torch.Tensor:
-    """TIES on stacked task tensors (input x ...): keep each one's top-`density` entries by magnitude, elect a sign
-    per entry (by total mass or by count), average the entries that agree with it."""
-    flat = deltas.flatten(1)
-    k = int(density * flat.shape[1])
+def _trim(t: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES' trim on stacked task tensors (input x ...): keep each one's top-`density` entries by magnitude."""
+    flat = t.flatten(1)
     keep = torch.zeros_like(flat, dtype=torch.bool)
-    if k:
+    if k := int(density * flat.shape[1]):
         keep.scatter_(1, flat.abs().topk(k, dim=1).indices, True)
-    t = torch.where(keep, flat, torch.zeros_like(flat)).reshape(deltas.shape)
+    return torch.where(keep, flat, torch.zeros_like(flat)).reshape(t.shape)
+
+
+def _disjoint(t: torch.Tensor, majority: str, w: torch.Tensor | None = None) -> torch.Tensor:
+    """TIES' elect and disjoint mean: a sign per entry (by total mass or by count of t), then the mean of the entries
+    that agree with it, weighted by `w` afterwards when given (PEFT's order)."""
     mass = t.sum(0) if majority == "total" else t.sign().sum(0)
     agree = t.sign() == torch.where(mass >= 0, 1.0, -1.0)
+    if w is not None:
+        t = t * w.reshape(-1, *[1] * (t.dim() - 1))
     return (t * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 
@@ -226,30 +231,19 @@ def combine(inputs: list[tuple[Adapter, float] | tuple[Adapter, float, str]], me
             continue
         k_max = rank or max(p.r for p in ps)
         if method == "svd":
-            p = guard(ps, guard_method) if guard_method else Part(torch.cat([p.A for p in ps], 0),
-                                                                    torch.cat([p.B for p in ps], 1))
-            U, S, Vh = lowrank_svd(p.A, p.B)
+            stacked = guard(ps, guard_method) if guard_method else Part(torch.cat([p.A for p in ps], 0),
+                                                                          torch.cat([p.B for p in ps], 1))
+            U, S, Vh = lowrank_svd(stacked.A, stacked.B)
         else:
             D = torch.stack([p.delta() for p in ps])
             if method == "ties":
-                D = _ties(D, density, majority)
+                D = _disjoint(_trim(D, density), majority)
             elif method == "dare":
                 D = _dare(D, density, g).sum(0)
             else:  # PEFT: trim/drop and elect on the unweighted ΔW_i, weight afterwards
-                w = torch.tensor([p.w for p in ps], dtype=torch.float64)
                 raw = torch.stack([delta(p.A, p.Braw * p.s) for p in ps])
-                if method == "dare-svd":
-                    raw = _dare(raw, density, g)
-                else:
-                    flat = raw.flatten(1)
-                    kk = int(density * flat.shape[1])
-                    keep = torch.zeros_like(flat, dtype=torch.bool)
-                    if kk:
-                        keep.scatter_(1, flat.abs().topk(kk, dim=1).indices, True)
-                    raw = torch.where(keep, flat, torch.zeros_like(flat)).reshape(raw.shape)
-                mass = raw.sum(0) if majority == "total" else raw.sign().sum(0)
-                agree = raw.sign() == torch.where(mass >= 0, 1.0, -1.0)
-                D = (raw * w.reshape(-1, 1, 1) * agree).sum(0) / agree.sum(0).clamp(min=1)
+                raw = _dare(raw, density, g) if method == "dare-svd" else _trim(raw, density)
+                D = _disjoint(raw, majority, torch.tensor([p.w for p in ps], dtype=torch.float64))
             U, S, Vh = svd(D)
         k = choose_rank(S, k_max, dyn)
         B, A = clamp_quantile(U[:, :k] * S[:k], Vh[:k], clamp)
