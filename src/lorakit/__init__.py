@@ -6,20 +6,24 @@
     lorakit.load(base, "adapter.safetensors", name="style")
     lorakit.set_weights(base, {"style": 0.8, "blur": -0.5})
     lorakit.merge(base); lorakit.unmerge(base); lorakit.unload(base, merge=True)
+    lorakit.combine([(lorakit.read(f1)[0], 1.0), (lorakit.read(f2)[0], -0.5)], method="cat")  # and resize, extract
 """
 
 from .adapter import Adapter, ModuleLora
+from .algebra import combine, extract, resize
+from .analysis import analyze
 from .config import LoraConfig
 from .errors import LoraError
 from .io import load, read, save
 from .layers import LoraLayer, SavedModule
+from .merged import merge_into
 from .model import (active, adapters, delete, disabled, inject, merge, set_weights, summary, unload,
                     unmerge)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "LoraConfig", "LoraError", "LoraLayer", "ModuleLora", "SavedModule", "active", "adapters",
-    "delete", "disabled", "inject", "load", "merge", "read", "save", "set_weights", "summary", "unload",
-    "unmerge",
+    "Adapter", "LoraConfig", "LoraError", "LoraLayer", "ModuleLora", "SavedModule", "active", "adapters", "analyze",
+    "combine", "delete", "disabled", "extract", "inject", "load", "merge", "merge_into", "read", "resize", "save",
+    "set_weights", "summary", "unload", "unmerge",
 ]
