@@ -105,18 +105,6 @@ def analyze(adapter: Adapter, vs: Adapter | None = None, base=None) -> dict:
     return {"modules": out}
 
 
-def load_base(spec: str):
-    """The base model for `--base`: a diffusers pipeline for "digits" or a folder with model_index.json (as one
-    module of its components), else a transformers model (folder, hub id, .gguf, embedded default)."""
-    if spec == "digits" or (Path(spec).expanduser() / "model_index.json").exists():
-        from .train_sd import load_pipeline
-
-        return load_pipeline(spec)
-    from . import pretrained
-
-    return pretrained.load(spec)[0]
-
-
 def summary(result: dict) -> list[str]:
     """A few lines: modules, mean effective rank; mean φ(1,1) and the share above 0.5; mean/median amplification."""
     ms = list(result["modules"].values())

@@ -164,12 +164,13 @@ def add_svd_flags(p: argparse.ArgumentParser, rank_help: str):
 
 
 def run_analyze(args):
-    from .analysis import analyze, load_base, summary
+    from .analysis import analyze, summary
     from .analysis import write as write_analysis
+    from .merged import load_base
 
     a = read(args.file, allow_pickle=args.allow_pickle)[0]
     vs = read(args.vs, allow_pickle=args.allow_pickle)[0] if args.vs else None
-    result = analyze(a, vs=vs, base=load_base(args.base) if args.base else None)
+    result = analyze(a, vs=vs, base=load_base(args.base, tokenizer=False)[0] if args.base else None)
     print("\n".join(summary(result)))
     print("wrote " + ", ".join(map(str, write_analysis(result, args.out))))
 
@@ -178,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     from .train import TrainConfig
     from .train_sd import SDTrainConfig
 
-    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA adapters: train, generate, inspect, convert, combine, "
-                                     "resize, extract, merge-into.")
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA adapters: train, generate, inspect, convert, "
+                                     "combine, resize, extract, merge-into, analyze.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="describe an adapter file or PEFT folder")
     p.add_argument("file")
