@@ -161,3 +161,18 @@ def test_guard_from_the_command_line_combine_and_generate(tmp_path, save_tiny, c
     guarded = capsys.readouterr().out
     assert main(["generate", "--adapter", str(a), "--prompt", "a b", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out == guarded
+
+
+def test_extract_from_two_pipeline_folders_names_components(tmp_path, tiny_sd, capsys):
+    tiny_sd.save_pretrained(tmp_path / "base")
+    torch.manual_seed(4)
+    q_proj = next(m for n, m in tiny_sd.text_encoder.named_modules() if n.endswith("layers.0.self_attn.q_proj"))
+    with torch.no_grad():
+        for w in (tiny_sd.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight, q_proj.weight):
+            w += torch.randn(w.shape[0], 1) @ torch.randn(1, w.shape[1])  # rank-1 changes
+    tiny_sd.save_pretrained(tmp_path / "tuned")
+    assert main(["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"), "--rank", "1",
+                 "--out", str(tmp_path / "x.safetensors")]) == 0
+    a, _ = lorakit.read(tmp_path / "x.safetensors")
+    assert sorted(p.split(".")[0] for p in a.modules) == ["text_encoder", "unet"]
+    assert any(p.endswith("attn2.to_k") for p in a.modules)
