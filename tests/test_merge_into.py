@@ -176,3 +176,32 @@ def test_extract_from_two_pipeline_folders_names_components(tmp_path, tiny_sd, c
     a, _ = lorakit.read(tmp_path / "x.safetensors")
     assert sorted(p.split(".")[0] for p in a.modules) == ["text_encoder", "unet"]
     assert any(p.endswith("attn2.to_k") for p in a.modules)
+
+
+def test_prompt_routing_keeps_an_adapter_only_where_its_trigger_word_is():
+    from lorakit.guard import route
+
+    weights, triggers = {"eight": 1.0, "nine": 0.8, "style": 0.5}, {"eight": ["eight"], "nine": ["nine", "<d9>"]}
+    assert route("a handwritten digit Eight", weights, triggers) == {"eight": 1.0, "style": 0.5}
+    assert route("a <d9> please", weights, triggers) == {"nine": 0.8, "style": 0.5}
+    assert route("eighteen ninety", weights, triggers) == {"style": 0.5}  # whole words only
+    assert route("eight and nine", weights, triggers) == weights
+
+
+def test_generate_image_routes_loras_by_trigger_words(tmp_path, tiny_sd):
+    from lorakit.generate_image import load_pipeline
+
+    tiny_sd.save_pretrained(tmp_path / "pipe")
+    for name, seed in (("eight", 0), ("nine", 1)):
+        pipe, _ = load_pipeline(str(tmp_path / "pipe"), [], "x")
+        torch.manual_seed(seed)
+        lorakit.inject(pipe, lorakit.LoraConfig(r=2, alpha=2, targets=["to_q"], init=False))
+        lorakit.save(pipe, tmp_path / f"{name}.safetensors", base_model=str(tmp_path / "pipe"))
+    files = [str(tmp_path / "eight.safetensors"), str(tmp_path / "nine.safetensors") + ":0.5"]
+    triggers = {"eight": ["eight"], "nine": ["nine"]}
+    pipe, prompt = load_pipeline(None, files, "a digit eight", triggers=triggers)
+    assert lorakit.active(pipe) == {"lora0": 1.0}
+    pipe, _ = load_pipeline(None, files, "a digit nine", triggers=triggers)
+    assert lorakit.active(pipe) == {"lora0": 0.5} and len(lorakit.adapters(pipe)) == 1
+    assert main(["generate-image", *[a for f in files for a in ("--lora", f)], "--prompt", "x", "--trigger",
+                 "seven=7", "--out", str(tmp_path / "g.png")]) == 2

@@ -104,7 +104,14 @@ def run_generate_image(args):
     from .generate_image import generate, load_pipeline
     from .images import grid
 
-    pipe, prompt = load_pipeline(args.model, args.lora, args.prompt, args.lora_dir, args.fuse, guard=args.guard)
+    triggers = {}
+    for spec in args.trigger:
+        name, sep, words = spec.partition("=")
+        if not sep or not name or not words.strip(","):
+            raise LoraError(f"--trigger {spec!r}: write NAME=WORD[,WORD], NAME being the LoRA's file name")
+        triggers[name] = [w.strip() for w in words.split(",") if w.strip()]
+    pipe, prompt = load_pipeline(args.model, args.lora, args.prompt, args.lora_dir, args.fuse, guard=args.guard,
+                                 triggers=triggers)
     images = generate(pipe, prompt, args.negative_prompt, args.count, args.steps, args.guidance, args.seed, args.size)
     out = Path(args.out)
     img = grid(images)
@@ -209,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     gi.add_argument("--count", type=int, default=4, help="images, laid out as one grid")
     gi.add_argument("--fuse", action="store_true", help="merge the LoRAs into the weights first (faster)")
     gi.add_argument("--guard", choices=GUARDS, help="hold back burn-out where stacked LoRAs meet (tags included)")
+    gi.add_argument("--trigger", action="append", default=[], metavar="NAME=WORD[,WORD]", help="use LoRA NAME (its "
+                    "file name without .safetensors) only when one of its words is in the prompt (prompt routing)")
     gi.add_argument("--out", default="images.png")
     g = sub.add_parser("generate", help="generate text with weighted adapters on a base model")
     g.add_argument("--model", help="base model (default: the one recorded in the first adapter)")

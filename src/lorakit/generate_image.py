@@ -10,6 +10,7 @@ import torch
 
 from .errors import LoraError
 from .generate import base_model, parse_adapter
+from .guard import route
 from .io import load, read
 from .model import merge, set_weights
 from .pipeline import as_module
@@ -47,14 +48,21 @@ def find_lora(name: str, lora_dir: str | None) -> Path:
 
 
 def load_pipeline(model: str | None, loras: list[str], prompt: str, lora_dir: str | None = None, fuse: bool = False,
-                  device=None, guard: str | None = None):
+                  device=None, guard: str | None = None, triggers: dict[str, list[str]] | None = None):
     """(pipeline with the LoRAs of `--lora FILE[:W]` and of the prompt's tags active, prompt without tags).
-    Without `model`, the base recorded in the first LoRA is used; `guard` holds back burn-out (set_weights)."""
+    Without `model`, the base recorded in the first LoRA is used; `guard` holds back burn-out (set_weights);
+    `triggers` {file stem: words} routes: such a LoRA is used only when one of its words is in the prompt."""
     from .train_sd import load_pipeline as load_base
 
     prompt, tags = parse_tags(prompt)
     specs = [(path, w, w) for path, w in map(parse_adapter, loras)]
     specs += [(str(find_lora(name, lora_dir)), te, un) for name, te, un in tags]
+    if triggers:
+        stems = {Path(p).stem for p, _, _ in specs}
+        if unknown := sorted(set(triggers) - stems):
+            raise LoraError(f"--trigger names {unknown[0]!r}, which is none of the LoRAs given ({sorted(stems)})")
+        on = route(prompt, {Path(p).stem: 1.0 for p, _, _ in specs}, triggers)
+        specs = [s for s in specs if Path(s[0]).stem in on]
     pipe = load_base(base_model(model, [path for path, _, _ in specs]), device)
     weights = {}
     for k, (path, te, un) in enumerate(specs):

@@ -7,6 +7,7 @@ and gives factors of rank ≤ Σ r_i, so the guarded stack costs what the plain 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -71,3 +72,13 @@ def guard(parts: list[Part], method: str) -> Part:
         gains = torch.stack([(p.B @ (p.A @ Vh.T)).norm(dim=0) for p in parts])  # input x direction
         S = torch.minimum(S, gains.max(0).values)
     return Part(Vh, U * S)
+
+
+def route(prompt: str, weights: dict[str, float], triggers: dict[str, list[str]]) -> dict[str, float]:
+    """Prompt routing, the one method that kept stacked Dreambooth LoRAs from burning out in lorakit's measurements:
+    an adapter with trigger words is active for `prompt` only when one of them occurs in it (whole words, any case);
+    adapters without triggers stay active. Weight-space guards cannot help when each adapter pulls every prompt
+    towards its own subject; routing applies each only where it was asked for."""
+    low = prompt.lower()
+    return {n: w for n, w in weights.items()
+            if not triggers.get(n) or any(re.search(rf"(?<!\w){re.escape(t.lower())}(?!\w)", low) for t in triggers[n])}
