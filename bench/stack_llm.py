@@ -33,6 +33,15 @@ from the naive sum over the tokens of 4 date and 4 E2E prompts (0 for an exact s
 Each configuration's generations' scores are cached in WORKDIR/scores/ (keyed by the adapters and the settings);
 --fresh rescores. The norms and logit differences are recomputed on every run.
 Writes bench/results/stack-llm.md and bench/results/stack-llm.json.
+
+A second pairing, with both adapters on the same modules (so the guards, which act only where both adapters are,
+act everywhere): the date adapter trained on q_proj,v_proj only, at a lower lr; the cached e2e adapter is reused:
+
+    .venv/bin/python bench/stack_llm.py --date-targets q_proj,v_proj --date-lr 1e-3 --date-steps 100 --date-weights 0.5,0.75
+
+Any date recipe other than the default trains into WORKDIR/date-TAG, caches scores in WORKDIR/scores-TAG
+(TAG names the targets, lr and steps) and writes bench/results/stack-llm-qv.md/.json (the suffix from the targets'
+initials; --name sets the stem). --date-weights adds sum-dW configurations: set_weights {date: W, e2e: 1}.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ DATA = (ROOT / ".." / "shared" / "data" / "e2e").resolve()
 CONFIGS = ("base", "date", "e2e", "sum", "half", "guard-spectral", "guard-shared", "guard-norm", "cat", "svd-r8",
            "svd-r16", "ties", "dare")
 ADAPTERS = ("date", "e2e")
+DATE_DEFAULT = {"date_targets": "all-linear", "date_lr": 2e-3, "date_steps": 80}
 SCORED = ("date_exact", "date_first_word", "e2e_bleu", "e2e_empty", "e2e_mrs", "date_n", "date_score_s", "e2e_score_s",
           "date_samples", "e2e_samples")  # what the score cache keeps (the rest is recomputed each run)
 
@@ -68,10 +78,34 @@ def parse_args(argv=None):
     p.add_argument("--density", type=float, default=0.5, help="ties and dare")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (1: on a shared 2-core machine 2 threads oversubscribe and run ~9x slower)")
-    p.add_argument("--only", choices=CONFIGS, action="append", help="score only this configuration (repeatable)")
+    p.add_argument("--date-targets", default=DATE_DEFAULT["date_targets"],
+                   help="the date adapter's modules: all-linear or a comma-separated list (e.g. q_proj,v_proj)")
+    p.add_argument("--date-lr", type=float, default=DATE_DEFAULT["date_lr"])
+    p.add_argument("--date-steps", type=int, default=DATE_DEFAULT["date_steps"])
+    p.add_argument("--date-weights", default="",
+                   help="comma-separated date weights W to add as sum-dW configurations (e2e at 1), e.g. 0.5,0.75")
+    p.add_argument("--name", help="results file stem (default stack-llm, or stack-llm-<targets' initials> for "
+                                  "another date recipe)")
+    p.add_argument("--only", action="append", help="score only this configuration (repeatable)")
     p.add_argument("--fresh", action="store_true", help="rescore even where a cached score matches")
     p.add_argument("--train", choices=ADAPTERS, help=argparse.SUPPRESS)  # internal: train one adapter
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    targets = args.date_targets.split(",")
+    args.date_target_list = "all-linear" if args.date_targets == "all-linear" else targets
+    args.variant = None if all(getattr(args, k) == v for k, v in DATE_DEFAULT.items()) else (
+        f"{''.join(t[0] for t in targets) if len(targets) > 1 else targets[0]}-lr{args.date_lr:g}-s{args.date_steps}")
+    args.name = args.name or ("stack-llm" if args.variant is None else
+                              "stack-llm-" + ("".join(t[0] for t in targets) if len(targets) > 1 else targets[0]))
+    args.configs = list(CONFIGS) + [f"sum-d{float(w):g}" for w in args.date_weights.split(",") if w.strip()]
+    for name in args.only or ():
+        if name not in args.configs:
+            p.error(f"--only {name}: not one of {', '.join(args.configs)}")
+    return args
+
+
+def adapter_dir(args, name: str) -> Path:
+    """WORKDIR/date for the default date recipe, WORKDIR/date-TAG for another; WORKDIR/e2e always."""
+    return Path(args.workdir) / (name if name != "date" or args.variant is None else f"date-{args.variant}")
 
 
 def demo():
@@ -88,13 +122,14 @@ def train_one(args) -> dict:
     torch.set_num_threads(args.threads)
     from lorakit.train import TrainConfig, train
 
-    work = Path(args.workdir) / args.train
+    work = adapter_dir(args, args.train)
     work.mkdir(parents=True, exist_ok=True)
     if args.train == "date":
         rows = demo().make_examples(600, seed=0)
         (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         cfg = TrainConfig(model="smollm2-135m", data=str(work / "train.jsonl"), out=str(work / "run"),
-                          targets="all-linear", r=8, alpha=16, dropout=0.0, lr=2e-3, max_steps=80, batch_size=8,
+                          targets=args.date_target_list, r=8, alpha=16, dropout=0.0, lr=args.date_lr,
+                          max_steps=args.date_steps, batch_size=8,
                           max_length=32, seed=0)
     else:
         cfg = TrainConfig(model="smollm2-135m", data=str(Path(args.data_dir) / "valid.txt"), out=str(work / "run"),
@@ -114,12 +149,13 @@ def ensure_adapters(args) -> dict[str, dict]:
     """Each adapter's training record, training it (in a child process) where WORKDIR/NAME/train.json is missing."""
     out = {}
     for name in ADAPTERS:
-        rec = Path(args.workdir) / name / "train.json"
+        rec = adapter_dir(args, name) / "train.json"
         if rec.exists() and Path(json.loads(rec.read_text())["path"]).exists():
             out[name] = {**json.loads(rec.read_text()), "cached": True}
             print(f"{name}: cached adapter {out[name]['path']}", flush=True)
             continue
-        out[name] = run_child(__file__, ["--train", name, *flags(args, ["workdir", "data_dir", "threads"])])
+        out[name] = run_child(__file__, ["--train", name, *flags(args, ["workdir", "data_dir", "threads", "date_targets",
+                                                                         "date_lr", "date_steps"])])
         print(f"{name}: trained {out[name]['steps']} steps in {out[name]['train_wall_s'] / 60:.1f} min, "
               f"final loss {out[name]['final_loss']:.3f}", flush=True)
     return out
@@ -171,6 +207,8 @@ def stack(model, name: str, files: dict[str, str], density: float):
         set_weights(model, {name: 1.0})
     elif name == "sum":
         set_weights(model, {"date": 1.0, "e2e": 1.0})
+    elif name.startswith("sum-d"):
+        set_weights(model, {"date": float(name.removeprefix("sum-d")), "e2e": 1.0})
     elif name == "half":
         set_weights(model, {"date": 0.5, "e2e": 0.5})
     elif name.startswith("guard-"):
@@ -207,7 +245,7 @@ def score_all(args, adapters: dict[str, dict]) -> list[dict]:
     digest = hashlib.sha256(b"".join(Path(files[a]).read_bytes() for a in ADAPTERS)).hexdigest()[:16]
     settings = {"scoring": 2, "adapters_sha256": digest, **{k: getattr(args, k) for k in (
         "date_n", "test_mrs", "date_new_tokens", "e2e_new_tokens", "density")}}
-    cache = work / "scores"
+    cache = work / ("scores" if args.variant is None else f"scores-{args.variant}")
     cache.mkdir(exist_ok=True)
 
     model, tokenizer, _ = pretrained.load("smollm2-135m")
@@ -227,14 +265,14 @@ def score_all(args, adapters: dict[str, dict]) -> list[dict]:
     naive_logits, naive_norms = logits(), update_norms(model)
 
     results = []
-    for name in args.only or CONFIGS:
+    for name in args.only or args.configs:
         t0 = time.perf_counter()
         temp = stack(model, name, files, args.density)
         build_s = time.perf_counter() - t0
         norms = update_norms(model)
         diff = float((logits() - naive_logits).abs().max())
         r = {"config": name, "shared_norm_rel": norms["shared"] / naive_norms["shared"],
-             "date_only_norm_rel": norms["date_only"] / naive_norms["date_only"],
+             "date_only_norm_rel": norms["date_only"] / naive_norms["date_only"] if naive_norms["date_only"] else None,
              "max_logit_diff_vs_sum": diff, "build_s": build_s}
         hit = cache / f"{name}.json"
         if hit.exists() and not args.fresh and json.loads(hit.read_text()).get("settings") == settings:
@@ -270,16 +308,18 @@ def table(results: list[dict]) -> str:
     alone = {r["config"]: r for r in results}
     d0 = alone.get("date", {}).get("date_exact")
     e0 = alone.get("e2e", {}).get("e2e_bleu")
+    date_only = any(r["date_only_norm_rel"] is not None for r in results)  # no such column when all modules are shared
     head = ("| config | date exact | date drop (pts) | date first word | E2E BLEU | E2E drop | E2E empty "
-            "| shared ‖ΔW‖ / sum | date-only ‖ΔW‖ / sum | max \\|Δlogit\\| vs sum |")
+            "| shared ‖ΔW‖ / sum | " + ("date-only ‖ΔW‖ / sum | " if date_only else "") + "max \\|Δlogit\\| vs sum |")
     lines = [head,
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if date_only else "") + "---:|"]
     for r in results:
         dd = f"{100 * (d0 - r['date_exact']):+.1f}" if d0 is not None and r["config"] not in ("base", "date") else "–"
         ed = f"{e0 - r['e2e_bleu']:+.2f}" if e0 is not None and r["config"] not in ("base", "e2e") else "–"
         lines.append(f"| {r['config']} | {100 * r['date_exact']:.1f} % | {dd} | {100 * r['date_first_word']:.1f} % | "
-                     f"{r['e2e_bleu']:.2f} | {ed} | {100 * r['e2e_empty']:.0f} % | {r['shared_norm_rel']:.3f} | {r['date_only_norm_rel']:.3f} | "
-                     f"{r['max_logit_diff_vs_sum']:.2e} |")
+                     f"{r['e2e_bleu']:.2f} | {ed} | {100 * r['e2e_empty']:.0f} % | {r['shared_norm_rel']:.3f} | "
+                     + (f"{r['date_only_norm_rel']:.3f} | " if date_only else "")
+                     + f"{r['max_logit_diff_vs_sum']:.2e} |")
     return "\n".join(lines)
 
 
@@ -301,17 +341,28 @@ def main(argv=None):
                    f"{adapters[a]['train_wall_s'] / 60:.1f} min" for a in ADAPTERS)
     scoring = sum(r["build_s"] + r["date_score_s"] + r["e2e_score_s"] for r in results)
     reused = sum(bool(r.get("cached")) for r in results) + sum(bool(a.get("cached")) for a in adapters.values())
-    notes = (f"SmolLM2-135M-Instruct. Adapters ({tr}): date = examples/llm_demo.py's recipe (all-linear r=8 alpha=16, "
-             f"lr 2e-3, 80 steps x 8, max_length 32, 600 examples); e2e = q_proj,v_proj r=8 alpha=16, lr 5e-4, 100 "
+    if args.variant is None:
+        recipe = ("examples/llm_demo.py's recipe (all-linear r=8 alpha=16, lr 2e-3, 80 steps x 8, max_length 32, "
+                  "600 examples)")
+        where = ("over the q,v modules both adapters have and over the date adapter's other modules, relative to the "
+                 "naive sum")
+    else:
+        recipe = (f"examples/llm_demo.py's task and 600 examples, but {args.date_targets} r=8 alpha=16, lr "
+                  f"{args.date_lr:g}, {args.date_steps} steps x 8, max_length 32")
+        where = ("over all modules (both adapters are on the same ones), relative to the naive sum" if not any(
+            r["date_only_norm_rel"] is not None for r in results) else "over the q,v modules and over the date "
+                 "adapter's other modules, relative to the naive sum")
+    sweep = [c for c in args.configs if c.startswith("sum-d")]
+    notes = (f"SmolLM2-135M-Instruct. Adapters ({tr}): date = {recipe}; e2e = q_proj,v_proj r=8 alpha=16, lr 5e-4, 100 "
              f"steps x 8, max_length 96 on E2E valid.txt; dropout 0, seed 0. Date: exact match of the greedy output "
              f"(up to {args.date_new_tokens} new tokens) on make_examples({args.date_n}, seed=1); \"first word\" "
              f"counts outputs whose first whitespace token is the date. E2E: corpus BLEU (sacrebleu), greedy up to "
              f"{args.e2e_new_tokens} new tokens, on the first {args.test_mrs} MRs of test.txt against all their "
              f"references; \"E2E empty\" counts empty generations. Drops are from each task's adapter alone "
              f"(positive = worse). Stacks weight both adapters 1 "
-             f"except half (0.5/0.5); ties and dare use density {args.density} and rank 8 per module. ‖ΔW‖ / sum: "
-             f"Frobenius norm of the update the model computes, over the q,v modules both adapters have and over the "
-             f"date adapter's other modules, relative to the naive sum; max |Δlogit|: the largest logit difference from the "
+             f"except half (0.5/0.5)"
+             + (f" and {', '.join(sweep)} (date at W, e2e at 1)" if sweep else "") + f"; ties and dare use density {args.density} and rank 8 per module. ‖ΔW‖ / sum: "
+             f"Frobenius norm of the update the model computes, {where}; max |Δlogit|: the largest logit difference from the "
              f"naive sum over the tokens of 4 date and 4 E2E prompts. {args.threads} torch thread(s), torch "
              f"{torch.__version__}. Training took {sum(a['train_wall_s'] for a in adapters.values()) / 60:.1f} min, "
              f"building and scoring the {len(results)} configurations {scoring / 60:.1f} min"
@@ -322,12 +373,14 @@ def main(argv=None):
         print(f"\n{r['config']}:" + "".join(f"\n  {p!r} -> {h!r}" for p, h in r["date_samples"] + r["e2e_samples"][:2]))
     dest = Path(args.results)
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "stack-llm.md").write_text(f"# Stacking a date and an E2E adapter on SmolLM2-135M (bench/stack_llm.py)\n\n"
-                                       f"{md}\n\n{notes}\n")
+    title = ("Stacking a date and an E2E adapter on SmolLM2-135M" if args.variant is None else
+             f"Stacking a date and an E2E adapter on SmolLM2-135M, the date adapter on {args.date_targets}")
+    cmd = "" if args.variant is None else f"`{' '.join(['.venv/bin/python', 'bench/stack_llm.py', *sys.argv[1:]])}`\n\n"
+    (dest / f"{args.name}.md").write_text(f"# {title} (bench/stack_llm.py)\n\n{cmd}{md}\n\n{notes}\n")
     setup = {k: v for k, v in vars(args).items() if k not in ("train", "only", "fresh")}
-    (dest / "stack-llm.json").write_text(json.dumps({"setup": {**setup, "torch": torch.__version__, "total_wall_s": total},
+    (dest / f"{args.name}.json").write_text(json.dumps({"setup": {**setup, "torch": torch.__version__, "total_wall_s": total},
                                                      "adapters": adapters, "results": results}, indent=2) + "\n")
-    print(f"\nwrote {dest / 'stack-llm.md'} and {dest / 'stack-llm.json'}")
+    print(f"\nwrote {dest / (args.name + '.md')} and {dest / (args.name + '.json')}")
 
 
 if __name__ == "__main__":
