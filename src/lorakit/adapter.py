@@ -34,6 +34,12 @@ class ModuleLora:
     def r(self) -> int:
         return self.A.shape[0]
 
+    def check_finite(self, path: str, source: str | None = None):
+        """Raise LoraError naming the module and factor if A or B holds NaN or Inf."""
+        for t, key in ((self.A, "A"), (self.B, "B")):
+            if not torch.isfinite(t).all():
+                raise LoraError(f"{source + ': ' if source else ''}module {path!r} factor {key} contains NaN or Inf values")
+
 
 @dataclass
 class Adapter:
@@ -176,8 +182,7 @@ def apply(model: nn.Module, adapter: Adapter, name: str, source: str = "adapter"
             if tuple(t.shape) != tuple(want):
                 raise LoraError(f"{source}: module {path!r} factor {key} has shape {list(t.shape)}, "
                                 f"expected {list(want)} for rank {ml.r} on this model")
-            if not torch.isfinite(t).all():
-                raise LoraError(f"{source}: module {path!r} factor {key} contains NaN or Inf values")
+        ml.check_finite(path, source)
     for path, sd in adapter.saved.items():
         m = names[paths[path]]
         own = {k: v for k, v in m.state_dict().items() if not k.startswith("lora_copies.")}

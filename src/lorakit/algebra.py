@@ -25,7 +25,9 @@ from .adapter import Adapter, ModuleLora
 from .config import scale
 from .errors import LoraError, warn
 from .guard import GUARDS, Part, guard, lowrank_svd
-from .layers import delta
+from .layers import delta, kind_of
+from .pipeline import as_module
+from .targeting import find_targets, plain_modules
 
 METHODS = ("cat", "svd", "linear", "ties", "dare", "ties-svd", "dare-svd")
 DYNAMIC = ("energy", "fro", "ratio", "cumulative")
@@ -119,9 +121,7 @@ def _parts(inputs: list[tuple[Adapter, float, str]]) -> tuple[dict[str, list[Par
                 raise LoraError(f"{label} and {have[1]} were made for different base models: module {path!r} has "
                                 f"weight shape {list(shape)} in one and {have[0]} in the other")
         for path, m in a.modules.items():
-            for t, key in ((m.A, "A"), (m.B, "B")):
-                if not torch.isfinite(t).all():
-                    raise LoraError(f"{label}: module {path!r} factor {key} contains NaN or Inf values")
+            m.check_finite(path, label)
             if path in first:
                 o, olabel = first[path]
                 if m.kind and o.kind and m.kind != o.kind and {m.kind, o.kind} != {"linear", "conv1d_t"}:
@@ -299,8 +299,7 @@ def resize(a: Adapter, rank: int | None = None, dynamic: str | None = None,
                   fingerprint=a.fingerprint, embeddings=a.embeddings, history=a.history)
     report = Report()
     for path, m in a.modules.items():
-        if not torch.isfinite(m.A).all() or not torch.isfinite(m.B).all():
-            raise LoraError(f"module {path!r} contains NaN or Inf values")
+        m.check_finite(path)
         if _grouped(m):
             raise LoraError(f"module {path!r} is a grouped conv, which resize cannot factor; leave it out")
         s = scale(m.r, m.alpha, a.use_rslora)
@@ -320,8 +319,6 @@ def resize(a: Adapter, rank: int | None = None, dynamic: str | None = None,
 # --- extract --------------------------------------------------------------------------------------
 def oriented(module) -> torch.Tensor:
     """A module's weight as an (out x in·k) matrix, the orientation of B·A (Conv1D and Embedding transposed)."""
-    from .layers import kind_of
-
     w = module.weight.detach()
     return w.T if kind_of(module) in ("conv1d_t", "embedding") else w.flatten(1)
 
@@ -331,10 +328,6 @@ def extract(base, tuned, rank: int | None = None, dynamic: str | None = None, ta
     """A LoRA of W_tuned − W_base for each adaptable module (or `targets`) whose weight changed by more than
     `min_diff`: the best rank-`rank` approximation (or a dynamic rule's rank). A difference of rank ≤ k comes back
     exactly. Other changed tensors (norms, biases, heads) are named in a warning: a LoRA cannot hold them."""
-    from .layers import kind_of
-    from .pipeline import as_module
-    from .targeting import find_targets, plain_modules
-
     if rank is None and dynamic is None:
         raise LoraError("extract needs --rank K or --dynamic RULE")
     dyn = parse_dynamic(dynamic)
@@ -366,11 +359,10 @@ def extract(base, tuned, rank: int | None = None, dynamic: str | None = None, ta
         out.modules[path] = _shaped(A, B, m.weight.shape[1:] if conv else A.shape[1:], (1,) * (m.weight.dim() - 2) if conv else (),
                                     k, kind, m.weight.dtype)
         out.fingerprint[path] = list(m.weight.shape)
-    covered = {f"{p}.weight" for p in out.modules}
+    targeted = {f"{p}.weight" for p in names}  # adapted, or left out above by min_diff or as grouped convs
     tp = dict(tuned.named_parameters())
-    changed = [n for n, p in base.named_parameters() if n not in covered and n in tp and tp[n].shape == p.shape
-               and not torch.equal(tp[n], p) and float((tp[n].detach().double() - p.detach().double()).abs().max()) > min_diff
-               and not any(n == f"{q}.weight" for q in names)]
+    changed = [n for n, p in base.named_parameters() if n not in targeted and n in tp and tp[n].shape == p.shape
+               and not torch.equal(tp[n], p) and float((tp[n].detach().double() - p.detach().double()).abs().max()) > min_diff]
     if changed:
         warn(f"{len(changed)} other tensors differ between the models and are not in the LoRA: "
              f"{', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''}")

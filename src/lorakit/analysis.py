@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .adapter import Adapter, resolve_paths
-from .algebra import lowrank_svd, oriented, svd
+from .algebra import choose_rank, lowrank_svd, oriented, svd
 from .config import scale
 from .errors import LoraError
 from .layers import delta
@@ -37,8 +37,7 @@ def spectrum(s: torch.Tensor) -> dict:
         return {"effective_rank": 0.0, "energy_90": 0, "frobenius": 0.0}
     p = s / s.sum()
     p = p[p > 0]
-    e = torch.cumsum(s ** 2, 0) / (s ** 2).sum()
-    return {"effective_rank": math.exp(float(-(p * p.log()).sum())), "energy_90": int((e < 0.9 - 1e-12).sum()) + 1,
+    return {"effective_rank": math.exp(float(-(p * p.log()).sum())), "energy_90": choose_rank(s, None, ("energy", 0.9)),
             "frobenius": float(s.norm())}
 
 
@@ -81,9 +80,7 @@ def analyze(adapter: Adapter, vs: Adapter | None = None, base=None) -> dict:
         weights = {p: oriented(names[q]) for p, q in paths.items()}
     out = {}
     for path, m in adapter.modules.items():
-        for t, key in ((m.A, "A"), (m.B, "B")):
-            if not torch.isfinite(t).all():
-                raise LoraError(f"module {path!r} factor {key} contains NaN or Inf values")
+        m.check_finite(path)
         A, B = m.A.double().flatten(1), m.B.double().flatten(1) * scale(m.r, m.alpha, adapter.use_rslora)
         if B.shape[1] != A.shape[0]:  # a grouped conv: its block-diagonal ΔW, formed
             U, S, Vh = svd(delta(A, B, A.shape[0] // B.shape[1]))
