@@ -189,19 +189,19 @@ def set_weights(model: nn.Module, weights: dict[str, float] | list[str] | str, g
         raise LoraError("the model has merged adapters; unmerge(model) before changing the active set")
     if guard is not None and guard not in GUARDS:
         raise LoraError(f"unknown guard {guard!r}; choose one of {GUARDS}")
+    on = {path: {n: float(w) for n, w in weights.items() if n in m.lora_names()} for path, m in layers.items()}
     guards = {}
     for path, m in layers.items():
-        on = {n: float(w) for n, w in weights.items() if n in m.lora_names()}
-        if guard and isinstance(m, LoraLayer) and len(on) > 1:
+        if guard and isinstance(m, LoraLayer) and len(on[path]) > 1:
             if getattr(m, "groups", 1) > 1:
                 raise LoraError(f"module {path!r} is a grouped conv; the guard cannot factor its update")
             with torch.no_grad():
                 p = guarded([Part(m.lora_A[n].double().flatten(1), m.lora_B[n].double().flatten(1), m.lora_scale[n], w)
-                             for n, w in on.items()], guard)
-            A0, B0 = m.lora_A[next(iter(on))], m.lora_B[next(iter(on))]
+                             for n, w in on[path].items()], guard)
+            A0, B0 = m.lora_A[next(iter(on[path]))], m.lora_B[next(iter(on[path]))]
             guards[path] = (p.A.reshape(-1, *A0.shape[1:]).to(A0.dtype), p.B.reshape(*p.B.shape, *B0.shape[2:]).to(B0.dtype))
-    for path, m in layers.items():
-        m.lora_weights = {n: float(w) for n, w in weights.items() if n in m.lora_names()}
+    for path, m in layers.items():  # every layer's guard computed (or refused) before any layer changes
+        m.lora_weights = on[path]
         if isinstance(m, LoraLayer):
             m.lora_guarded = guards.get(path)
     _freeze_for(model)
