@@ -94,7 +94,7 @@ def canonical(model, name: str):
 
 
 def exact(adapters, weights) -> dict[str, torch.Tensor]:
-    from lorakit.config import scale
+    from lorakit.core.config import scale
 
     return {p: sum(w * scale(a.modules[p].r, a.modules[p].alpha, a.use_rslora)
                    * (a.modules[p].B.double() @ a.modules[p].A.double()) for a, w in zip(adapters, weights))
@@ -111,7 +111,7 @@ def lorakit_result(adapters, weights, kwargs, seed):
     """(ΔW per module, rank) of lorakit's combine."""
     from lorakit import LoraError
     from lorakit.algebra import combine
-    from lorakit.config import scale
+    from lorakit.core.config import scale
 
     try:
         out = combine(list(zip(adapters, weights)), seed=seed, **kwargs)

@@ -4,7 +4,7 @@
     .venv/bin/python bench/e2e.py                    # every configuration, defaults (~45 min on 2 quiet cores)
     .venv/bin/python bench/e2e.py --steps 10 --test-mrs 16 --only lora-qv-r4 --only peft-qv-r4   # a quick look
 
-Every trained configuration gets the same budget through the same loop (lorakit.train.train): the rows of
+Every trained configuration gets the same budget through the same loop (lorakit.llm.train.train): the rows of
 valid.txt (E2E's MR||reference lines; prompt "MR ||", loss on " reference"), the same steps, batch, max_length,
 seed (hence the same batches in the same order), AdamW with weight decay 0.01, cosine schedule with 5 % warmup.
 
@@ -80,11 +80,12 @@ def run_one(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from lorakit import data as datalib
-    from lorakit import pretrained
-    from lorakit.generate import bleu
-    from lorakit.io import load
-    from lorakit.train import TrainConfig, train
+    from lorakit.llm import data as datalib
+    from lorakit.llm import pretrained
+    from lorakit.llm.generate import bleu
+    from lorakit.formats.io import load
+    from lorakit.llm.train import TrainConfig, train
+    from lorakit.options import build
 
     work, name = Path(args.workdir), args.one
     tests = datalib.read_examples(work / "test-subset.txt")[0]
@@ -95,7 +96,7 @@ def run_one(args) -> dict:
     else:
         full = name == "full"
         lora = LORA.get(name, {})  # full fine-tuning has no LoRA settings
-        cfg = TrainConfig(model="smollm2-135m", data=str(Path(args.data_dir) / "valid.txt"), out=str(work / name),
+        cfg = build(TrainConfig, model="smollm2-135m", data=str(Path(args.data_dir) / "valid.txt"), out=str(work / name),
                           dropout=0.1, lr=args.lr_full if full else args.lr_lora, max_steps=args.steps,
                           batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
                           full_finetune=full, weight_decay=0.01, schedule="cosine", warmup=0.05, **lora)

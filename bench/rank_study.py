@@ -7,7 +7,7 @@ amplification factor ‖ΔW‖_F / ‖UᵀWVᵀ‖_F (paper §7.3, Table 7).
     .venv/bin/python bench/rank_study.py --reuse     # analysis only, from the adapters already in --workdir
     .venv/bin/python bench/rank_study.py --ranks 8,64 --steps 10   # a quick look
 
-Every rank gets the same run through lorakit.train.train: the 4,672 MR||reference lines of E2E valid.txt (prompt
+Every rank gets the same run through lorakit.llm.train.train: the 4,672 MR||reference lines of E2E valid.txt (prompt
 "MR ||", loss on the reference), the same steps, batch, max_length and seed (hence the same batches in the same order
 and the same random stream), AdamW (weight decay 0.01), cosine schedule with 5 % warmup, dropout 0, lr 5e-4.
 alpha is the same for every rank (the paper's rule: "we simply set α to the first r we try and do not tune it"; it
@@ -24,6 +24,7 @@ r=64 with the base model, its PNGs), bench/results/rank-study.md and bench/resul
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import statistics
@@ -62,13 +63,14 @@ def run_one(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from lorakit.train import TrainConfig, train
+    from lorakit.llm.train import TrainConfig, train
+    from lorakit.options import build
 
     r, work = args.one, Path(args.workdir)
-    cfg = TrainConfig(model="smollm2-135m", data=args.data, out=str(work / f"r{r}"), r=r, alpha=args.alpha, dropout=0.0,
+    cfg = build(TrainConfig, model="smollm2-135m", data=args.data, out=str(work / f"r{r}"), r=r, alpha=args.alpha, dropout=0.0,
                       targets=["q_proj", "v_proj"], lr=args.lr, max_steps=args.steps, batch_size=args.batch_size,
                       max_length=args.max_length, seed=args.seed, weight_decay=0.01, schedule="cosine", warmup=0.05)
-    train(TrainConfig(**{**vars(cfg), "out": str(work / f"r{r}-init"), "max_steps": 1}))  # the initial A
+    train(dataclasses.replace(cfg, out=str(work / f"r{r}-init"), max_steps=1))  # the initial A
     t0 = time.perf_counter()
     result = train(cfg)
     out = {"r": r, **{k: getattr(args, k) for k in SETTINGS}, "train_wall_s": time.perf_counter() - t0,
@@ -103,7 +105,7 @@ def phi_summary(result: dict) -> dict:
 def svd_form(a):
     """The same adapter with each module refactored as B = U, A = S·Vᵀ (U S Vᵀ = ΔW/s): φ of these A's compares ΔW's
     own right-singular vectors. φ of the trained A's is not invariant to B·A = (B·Q⁻¹)(Q·A); this is."""
-    from lorakit.adapter import Adapter, ModuleLora
+    from lorakit.formats.adapter import Adapter, ModuleLora
     from lorakit.algebra import lowrank_svd
 
     out = {}
@@ -205,7 +207,9 @@ def main(argv=None):
         (work / f"r{r}" / "result.json").write_text(json.dumps(runs[r], indent=2) + "\n")  # now with peak RSS
         print(f"r={r}: final loss {runs[r]['final_loss']:.4f}, {runs[r]['train_wall_s'] / 60:.1f} min", flush=True)
 
-    from lorakit import analysis, pretrained, read
+    from lorakit import read
+    from lorakit import analysis
+    from lorakit.llm import pretrained
 
     base = pretrained.load("smollm2-135m")[0]
     ad = {r: read(work / f"r{r}" / "adapter.safetensors")[0] for r in ranks}

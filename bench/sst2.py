@@ -90,11 +90,12 @@ def run_one(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from lorakit.train import TrainConfig, train
+    from lorakit.llm.train import TrainConfig, train
+    from lorakit.options import build
 
     work = Path(args.workdir)
     full = args.one == "full"
-    cfg = TrainConfig(
+    cfg = build(TrainConfig, 
         model="minilm-l6", task="classify", data=str(work / "train.tsv"), eval_data=str(work / "dev.tsv"),
         out=str(work / f"run-{args.one}"), r=args.r, alpha=args.alpha, dropout=0.05, targets=["query", "value"],
         lr=args.lr_full if full else args.lr_lora, max_steps=args.steps, batch_size=args.batch_size,
@@ -112,8 +113,8 @@ def base_counts() -> dict:
     """Parameters of the plain classification model and of its head, counted once in the parent."""
     import torch
 
-    from lorakit import pretrained
-    from lorakit.targeting import classifier_head
+    from lorakit.llm import pretrained
+    from lorakit.core.targeting import classifier_head
 
     torch.manual_seed(0)
     model, _, _ = pretrained.load("minilm-l6", "classify", num_labels=2)
@@ -152,7 +153,7 @@ def main(argv=None):
     write_tsv(train_rows, work / "train.tsv")
     write_tsv(dev_rows, work / "dev.tsv")
 
-    from lorakit import data as datalib  # check that lorakit reads the subset files back as they were written
+    from lorakit.llm import data as datalib  # check that lorakit reads the subset files back as they were written
 
     for rows, name in ((train_rows, "train.tsv"), (dev_rows, "dev.tsv")):
         back = datalib.read_examples(work / name)[0]

@@ -4,7 +4,7 @@
     .venv/bin/python bench/stack_llm.py              # train both adapters once (cached), score every configuration
     .venv/bin/python bench/stack_llm.py --date-n 20 --test-mrs 10 --only base --only sum   # a quick look
 
-The two adapters (trained once with lorakit.train.train, each in its own process, cached in --workdir):
+The two adapters (trained once with lorakit.llm.train.train, each in its own process, cached in --workdir):
 
     date  examples/llm_demo.py's task and recipe: "Date: March 5, 2021\\nISO:" -> " 2021-03-05"; 600 examples of
           make_examples(600, seed=0); all-linear r=8 alpha=16, dropout 0, lr 2e-3, 80 steps x batch 8, max_length 32
@@ -13,19 +13,19 @@ The two adapters (trained once with lorakit.train.train, each in its own process
 
 Both share q_proj and v_proj of every layer; the date adapter alone also has k,o,gate,up,down. Configurations, all
 on one base model loaded once (the two adapters loaded by name; combined adapters put on with
-lorakit.adapter.apply and removed with lorakit.delete afterwards):
+lorakit.formats.adapter.apply and removed with lorakit.delete afterwards):
 
     base, date, e2e           nothing / one adapter at weight 1
     sum                       set_weights {date: 1, e2e: 1}: the naive stack
     half                      set_weights {date: .5, e2e: .5}: what a user tries first against burn-out
-    guard-spectral|shared|norm  set_weights {date: 1, e2e: 1}, guard=...  (lorakit.guard)
+    guard-spectral|shared|norm  set_weights {date: 1, e2e: 1}, guard=...  (lorakit.core.guard)
     cat                       algebra.combine(method="cat"), weights 1/1: exact, must score as sum
     svd-r8, svd-r16           combine(method="svd", rank=8|16): best rank-k of the sum (r16 is exact on q,v)
     ties, dare                combine(method="ties"|"dare", density=.5), weights 1/1, back to rank 8 per module
 
 Scores: date exact match (the demo's metric: the whole greedy output equals the ISO date) on --date-n prompts of
 make_examples(N, seed=1), with "first word" (the output's first whitespace token equals the date) beside it;
-E2E corpus BLEU (sacrebleu, greedy, scored as lorakit.generate.bleu scores: each distinct MR against all its
+E2E corpus BLEU (sacrebleu, greedy, scored as lorakit.llm.generate.bleu scores: each distinct MR against all its
 references; its generations are kept to count empty ones) on the first --test-mrs distinct MRs of test.txt.
 Each task's drop is from its adapter alone. Also per configuration: the Frobenius norm of the stacked update on the
 shared modules (q,v) and on the date-only modules, relative to the naive sum, and the largest logit difference
@@ -120,19 +120,20 @@ def train_one(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from lorakit.train import TrainConfig, train
+    from lorakit.llm.train import TrainConfig, train
+    from lorakit.options import build
 
     work = adapter_dir(args, args.train)
     work.mkdir(parents=True, exist_ok=True)
     if args.train == "date":
         rows = demo().make_examples(600, seed=0)
         (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        cfg = TrainConfig(model="smollm2-135m", data=str(work / "train.jsonl"), out=str(work / "run"),
+        cfg = build(TrainConfig, model="smollm2-135m", data=str(work / "train.jsonl"), out=str(work / "run"),
                           targets=args.date_target_list, r=8, alpha=16, dropout=0.0, lr=args.date_lr,
                           max_steps=args.date_steps, batch_size=8,
                           max_length=32, seed=0)
     else:
-        cfg = TrainConfig(model="smollm2-135m", data=str(Path(args.data_dir) / "valid.txt"), out=str(work / "run"),
+        cfg = build(TrainConfig, model="smollm2-135m", data=str(Path(args.data_dir) / "valid.txt"), out=str(work / "run"),
                           targets=["q_proj", "v_proj"], r=8, alpha=16, dropout=0.0, lr=5e-4, max_steps=100,
                           batch_size=8, max_length=96, seed=0)
     t0 = time.perf_counter()
@@ -181,7 +182,7 @@ def update_norms(model) -> dict[str, float]:
     import torch
 
     from lorakit import LoraLayer
-    from lorakit.model import lora_modules
+    from lorakit.core.model import lora_modules
 
     sq = {"shared": 0.0, "date_only": 0.0}
     with torch.no_grad():
@@ -197,9 +198,9 @@ def update_norms(model) -> dict[str, float]:
 def stack(model, name: str, files: dict[str, str], density: float):
     """Make `model` compute configuration `name`; returns the name of a temporary adapter to delete after, or None."""
     from lorakit import set_weights
-    from lorakit.adapter import apply
+    from lorakit.formats.adapter import apply
     from lorakit.algebra import combine
-    from lorakit.io import read
+    from lorakit.formats.io import read
 
     if name == "base":
         set_weights(model, {})
@@ -229,14 +230,15 @@ def score_all(args, adapters: dict[str, dict]) -> list[dict]:
     import torch
 
     torch.set_num_threads(args.threads)
-    from lorakit import data as datalib
-    from lorakit import delete, load, pretrained
-    from lorakit.generate import complete
+    from lorakit.llm import data as datalib
+    from lorakit import delete, load
+    from lorakit.llm import pretrained
+    from lorakit.llm.generate import complete
 
     work = Path(args.workdir)
     subset = work / "test-subset.txt"
     subset.write_text("\n".join(test_subset(Path(args.data_dir) / "test.txt", args.test_mrs)) + "\n", encoding="utf-8")
-    refs: dict[str, list[str]] = {}  # as lorakit.generate.bleu scores: each distinct prompt against all its references
+    refs: dict[str, list[str]] = {}  # as lorakit.llm.generate.bleu scores: each distinct prompt against all its references
     for ex in datalib.read_examples(subset)[0]:
         refs.setdefault(ex["prompt"], []).append(ex["completion"])
     streams = [[r[k] if k < len(r) else r[0] for r in refs.values()] for k in range(max(map(len, refs.values())))]

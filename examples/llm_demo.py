@@ -13,9 +13,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from lorakit import load, pretrained
-from lorakit.generate import complete
-from lorakit.train import TrainConfig, train
+from lorakit import load
+from lorakit.llm import pretrained
+from lorakit.llm.generate import complete
+from lorakit.llm.train import TrainConfig, train
+from lorakit.options import build
 
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December"]
@@ -47,7 +49,7 @@ def main(steps: int = 80):
     print(f"base model, held-out exact match: {before:.0%}")
 
     t0 = time.time()
-    result = train(TrainConfig(model="smollm2-135m", data=str(run / "train.jsonl"), eval_data=str(run / "eval.jsonl"),
+    result = train(build(TrainConfig, model="smollm2-135m", data=str(run / "train.jsonl"), eval_data=str(run / "eval.jsonl"),
                                out=str(run / "out"), targets="all-linear", r=8, alpha=16, dropout=0.0, lr=2e-3,
                                max_steps=steps, batch_size=8, max_length=32, seed=0))
     minutes = (time.time() - t0) / 60

@@ -28,9 +28,11 @@ def save_tiny():
 
 
 @contextlib.contextmanager
-def killed_at(module, step: int):
-    """Within the block, a training run of `module` (lorakit.train or lorakit.train_sd) dies with KeyboardInterrupt
-    as it records step `step`, like a kill; the block expects that."""
+def killed_at(step: int):
+    """Within the block, a training run (lorakit.runner) dies with KeyboardInterrupt as it records step `step`, like
+    a kill; the block expects that."""
+    from lorakit import runner as module
+
     real = module.append_metrics
 
     def die(out, record):
@@ -93,3 +95,38 @@ def tiny_sd(tmp_path):
     return StableDiffusionPipeline(vae=vae, text_encoder=tiny_clip(), tokenizer=clip_tokenizer(tmp_path / "tok"),
                                    unet=tiny_unet(), scheduler=DPMSolverMultistepScheduler(steps_offset=1),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def tiny_sdxl_clip(cls_name: str, hidden: int, seed: int):
+    """A tiny CLIP text model of width `hidden` over clip_tokenizer's ids (SDXL's two encoders differ in width)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.CLIPTextConfig(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
+                                      projection_dim=hidden, bos_token_id=53, eos_token_id=54, pad_token_id=54)
+    return getattr(transformers, cls_name)(cfg)
+
+
+@pytest.fixture
+def tiny_sdxl(tmp_path):
+    """A tiny StableDiffusionXLPipeline built from configs (random weights, real module names): CLIP widths 16 and
+    24 (hidden states concatenated to the UNet's 40-wide cross-attention), pooled text_encoder_2 output + 6 time
+    ids into the UNet's text_time embedding, Linear proj_in/out, 1 and 2 transformer layers per block."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(3)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16 + 24, attention_head_dim=(2, 4), norm_num_groups=4, use_linear_projection=True,
+        transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=6 * 4 + 24)
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, sample_size=16)
+    tokenizer_2 = clip_tokenizer(tmp_path / "tok2")
+    tokenizer_2.pad_token = "!"  # as SDXL's OpenCLIP tokenizer pads
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=tiny_sdxl_clip("CLIPTextModel", 16, 4), tokenizer=clip_tokenizer(tmp_path / "tok"),
+        text_encoder_2=tiny_sdxl_clip("CLIPTextModelWithProjection", 24, 5), tokenizer_2=tokenizer_2, unet=unet,
+        scheduler=EulerDiscreteScheduler(steps_offset=1, timestep_spacing="leading"))

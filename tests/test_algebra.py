@@ -21,9 +21,9 @@ from transformers.pytorch_utils import Conv1D
 
 import lorakit
 from lorakit import Adapter, LoraConfig, LoraError, ModuleLora
-from lorakit.adapter import apply, from_model
+from lorakit.formats.adapter import apply, from_model
 from lorakit.algebra import Part, combine, extract, guard, resize
-from lorakit.config import scale
+from lorakit.core.config import scale
 
 F64 = torch.float64
 
@@ -168,7 +168,7 @@ def test_combined_adapter_loaded_equals_the_stack(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(fresh(IDS), want, atol=1e-5, rtol=1e-5)
 
-    path = lorakit.io.write(out, tmp_path / "combined.safetensors")
+    path = lorakit.formats.io.write(out, tmp_path / "combined.safetensors")
     fresh = copy.deepcopy(base)
     assert lorakit.load(fresh, path) == "combined"
     with torch.no_grad():
@@ -195,7 +195,7 @@ def test_header_records_inputs_weights_and_method(tmp_path):
     inputs = [(make({"lin": (2, 2)}, 0, base="org/base"), 0.7, "style.safetensors"),
               (make({"lin": (3, 3)}, 1, base="org/base"), -0.4, "subject.safetensors")]
     out = combine(inputs, "svd", rank=2)
-    path = lorakit.io.write(out, tmp_path / "c.safetensors")
+    path = lorakit.formats.io.write(out, tmp_path / "c.safetensors")
     with safe_open(str(path), "pt") as f:
         history = json.loads(f.metadata()["history"])
     assert history["method"] == "svd" and history["rank"] == 2
@@ -525,7 +525,7 @@ def test_extract_gives_back_a_rank_k_change_exactly():
     assert set(a.modules) == set(changes)  # head did not change, so it is not in the adapter
     got = deltas(a)
     for name, D in changes.items():
-        assert a.modules[name].r == k and a.modules[name].kind == lorakit.layers.kind_of(getattr(base, name))
+        assert a.modules[name].r == k and a.modules[name].kind == lorakit.core.layers.kind_of(getattr(base, name))
         torch.testing.assert_close(got[name], D, atol=1e-5, rtol=1e-5)
     assert report.energy == pytest.approx(1.0)
 
@@ -627,7 +627,7 @@ def test_combine_with_the_shared_guard_counts_a_duplicate_once():
 
 # --- the command line --------------------------------------------------------------------------------------------
 def files(tmp_path, *adapters: Adapter) -> list[Path]:
-    return [lorakit.io.write(a, tmp_path / f"in{i}.safetensors") for i, a in enumerate(adapters)]
+    return [lorakit.formats.io.write(a, tmp_path / f"in{i}.safetensors") for i, a in enumerate(adapters)]
 
 
 def run(argv, capsys) -> tuple[int, str, str]:

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit import LoraConfig, pretrained
-from lorakit.adapter import Adapter, ModuleLora
+from lorakit import LoraConfig
+from lorakit.llm import pretrained
+from lorakit.formats.adapter import Adapter, ModuleLora
 from lorakit.analysis import analyze, phi, spectrum
 from lorakit.cli import main
 

@@ -16,7 +16,7 @@ def sd_adapter(tiny_sd, tmp_path):
                                        rank_pattern={"to_v": 2}, alpha_pattern={"attn2.to_q": 3, "q_proj": 1.5}))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for n, p in lorakit.pipeline.as_module(tiny_sd).named_parameters():
+        for n, p in lorakit.core.components.as_module(tiny_sd).named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g))
     return lorakit.save(tiny_sd, tmp_path / "a.safetensors")
@@ -53,7 +53,7 @@ def test_unknown_file_lists_every_format(tmp_path, capsys):
 
 
 def test_inspect_shows_kohya_header(sd_adapter, tmp_path, capsys):
-    lorakit.io.convert(sd_adapter, tmp_path / "k.safetensors", "kohya")
+    lorakit.formats.io.convert(sd_adapter, tmp_path / "k.safetensors", "kohya")
     assert main(["inspect", str(tmp_path / "k.safetensors")]) == 0
     out = capsys.readouterr().out
     assert "format:      kohya" in out and "ss_network_dim" in out and "sshs_model_hash" in out
@@ -62,4 +62,4 @@ def test_inspect_shows_kohya_header(sd_adapter, tmp_path, capsys):
 def test_cloneofsimo_files_need_their_model_to_convert(tmp_path):
     save_file({"unet:0:up": torch.ones(4, 1), "unet:0:down": torch.ones(1, 4)}, tmp_path / "c.safetensors")
     with pytest.raises(LoraError, match="traversal order"):
-        lorakit.io.convert(tmp_path / "c.safetensors", tmp_path / "out.safetensors", "kohya")
+        lorakit.formats.io.convert(tmp_path / "c.safetensors", tmp_path / "out.safetensors", "kohya")

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
 from lorakit import LoraError
-from lorakit.data import IGNORE, collate, label_names, read_examples, tokenize_causal, tokenize_classify
+from lorakit.llm.data import IGNORE, collate, label_names, read_examples, tokenize_causal, tokenize_classify
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -65,7 +65,7 @@ def test_round_trip_through_diffusers_is_bit_exact(tiny_sd, tmp_path):
     pipe = adapted(tiny_sd)
     lorakit.save(pipe, tmp_path / "a.safetensors", format="diffusers")
     back, fmt = lorakit.read(tmp_path / "a.safetensors")
-    ours = lorakit.adapter.from_model(lorakit.pipeline.as_module(pipe), "default")
+    ours = lorakit.formats.adapter.from_model(lorakit.core.components.as_module(pipe), "default")
     assert fmt == "diffusers" and set(back.modules) == set(ours.modules)
     for path, m in ours.modules.items():
         b = back.modules[path]
@@ -96,7 +96,7 @@ def old_layout(pipe, text_model: bool) -> dict:
     """The adapter as diffusers' SD scripts saved it: lora.down/lora.up (UNet), lora_linear_layer (text encoder),
     optionally with the `text_model.` segment transformers 4 had, and no alphas."""
     sd = {}
-    for path, m in lorakit.adapter.from_model(lorakit.pipeline.as_module(pipe), "default").modules.items():
+    for path, m in lorakit.formats.adapter.from_model(lorakit.core.components.as_module(pipe), "default").modules.items():
         if path.startswith("unet."):
             sd[f"{path}.lora.down.weight"], sd[f"{path}.lora.up.weight"] = m.A, m.B
         else:
@@ -154,6 +154,6 @@ def test_sd15_shaped_unet_default_targets_count(tmp_path):
     assert (s.adapters["default"]["modules"], s.adapters["default"]["params"]) == (128, 797_184)
     a = lorakit.Adapter({f"unet.{p}": lorakit.ModuleLora(torch.zeros(m.lora_A["default"].shape),
                                                          torch.zeros(m.lora_B["default"].shape), 4)
-                         for p, m in lorakit.model.lora_modules(unet).items()})
-    path = lorakit.io.write(a, tmp_path / "sd15.safetensors", format="diffusers")
+                         for p, m in lorakit.core.model.lora_modules(unet).items()})
+    path = lorakit.formats.io.write(a, tmp_path / "sd15.safetensors", format="diffusers")
     assert 3.2e6 < path.stat().st_size < 3.3e6

@@ -3,8 +3,8 @@ bench/digits.py's first run)."""
 
 import numpy as np
 
-from lorakit import digits
-from lorakit.train_sd import load_pipeline
+from lorakit.sd import digits
+from lorakit.sd.pipeline import load_pipeline
 
 
 def test_captions_are_single_tokens_and_unseen_digits_have_words(tmp_path):

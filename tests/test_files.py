@@ -20,9 +20,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
-import lorakit.io
+import lorakit.formats.io
 from lorakit import LoraConfig, LoraError
-from lorakit.model import adapter_infos
+from lorakit.core.model import adapter_infos
 
 
 # --- models and helpers ---------------------------------------------------------------------------
@@ -288,7 +288,7 @@ def test_failed_save_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, monkey
         Path(filename).write_bytes(old[: len(old) // 2])
         raise error
 
-    monkeypatch.setattr(lorakit.io, "save_file", half_write)
+    monkeypatch.setattr(lorakit.formats.io, "save_file", half_write)
     with pytest.raises(type(error)):
         lorakit.save(trained(tiny(), r=2), path)
     assert path.read_bytes() == old

@@ -5,9 +5,9 @@ import copy
 import torch
 
 import lorakit
-from lorakit import pretrained
+from lorakit.llm import pretrained
 from lorakit.cli import main
-from lorakit.generate import complete, load_model, parse_adapter
+from lorakit.llm.generate import complete, load_model, parse_adapter
 
 
 def make_adapters(tmp_path, save_tiny):

@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 
 import lorakit
 from lorakit import LoraConfig, LoraError, ModuleLora
-from lorakit.adapter import Adapter, from_model
-from lorakit.pipeline import as_module
+from lorakit.formats.adapter import Adapter, from_model
+from lorakit.core.components import as_module
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "down_blocks.1.resnets.0.conv1",
            "q_proj", "k_proj", "v_proj", "out_proj"]
@@ -127,7 +127,7 @@ def test_uniform_adapter_records_its_dim_and_alpha_and_the_legacy_hash(tmp_path)
     g = torch.Generator().manual_seed(0)
     mods = {f"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn{i}.to_q": ModuleLora(
         torch.randn(8, 20000, generator=g), torch.randn(16, 8, generator=g), 4) for i in (1, 2)}
-    path = lorakit.io.write(Adapter(mods, base_model="runwayml/sd15"), tmp_path / "big.safetensors", "kohya")
+    path = lorakit.formats.io.write(Adapter(mods, base_model="runwayml/sd15"), tmp_path / "big.safetensors", "kohya")
     with safe_open(str(path), "pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_network_args"]) == ("8", "4", "{}")
@@ -143,7 +143,7 @@ def test_sdxl_adapters_get_te1_and_te2_prefixes_and_rslora_keeps_its_scale(tmp_p
     a = Adapter({"text_encoder.encoder.layers.0.self_attn.q_proj": m(),
                  "text_encoder_2.text_model.encoder.layers.0.mlp.fc1": m(),
                  "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k": m()}, use_rslora=True)
-    path = lorakit.io.write(a, tmp_path / "xl.safetensors", "kohya")
+    path = lorakit.formats.io.write(a, tmp_path / "xl.safetensors", "kohya")
     with safe_open(str(path), "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
     assert {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha",
@@ -161,11 +161,11 @@ def test_sdxl_adapters_get_te1_and_te2_prefixes_and_rslora_keeps_its_scale(tmp_p
 def test_writing_refuses_what_kohya_files_cannot_hold(tmp_path):
     m = ModuleLora(torch.randn(4, 16), torch.randn(16, 4), 4)
     with pytest.raises(LoraError, match="pipeline"):
-        lorakit.io.write(Adapter({"layers.0.q_proj": m}), tmp_path / "x.safetensors", "kohya")
+        lorakit.formats.io.write(Adapter({"layers.0.q_proj": m}), tmp_path / "x.safetensors", "kohya")
     with pytest.raises(LoraError, match="does not read back"):
-        lorakit.io.write(Adapter({"unet.my_block.q": m}), tmp_path / "x.safetensors", "kohya")
+        lorakit.formats.io.write(Adapter({"unet.my_block.q": m}), tmp_path / "x.safetensors", "kohya")
     with pytest.raises(LoraError, match="embedding"):
-        lorakit.io.write(Adapter({"text_encoder.embeddings.token_embedding": ModuleLora(m.A, m.B, 4, "embedding")}),
+        lorakit.formats.io.write(Adapter({"text_encoder.embeddings.token_embedding": ModuleLora(m.A, m.B, 4, "embedding")}),
                          tmp_path / "x.safetensors", "kohya")
     assert not (tmp_path / "x.safetensors").exists()
 

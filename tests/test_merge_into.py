@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 import lorakit
 from lorakit.cli import main
-from lorakit.errors import LoraError
+from lorakit.core.errors import LoraError
 
 CFG = lorakit.LoraConfig(r=2, alpha=4, targets=["q_proj", "v_proj", "down_proj"], init=False)
 
@@ -179,7 +179,7 @@ def test_extract_from_two_pipeline_folders_names_components(tmp_path, tiny_sd, c
 
 
 def test_prompt_routing_keeps_an_adapter_only_where_its_trigger_word_is():
-    from lorakit.guard import route
+    from lorakit.core.guard import route
 
     weights, triggers = {"eight": 1.0, "nine": 0.8, "style": 0.5}, {"eight": ["eight"], "nine": ["nine", "<d9>"]}
     assert route("a handwritten digit Eight", weights, triggers) == {"eight": 1.0, "style": 0.5}
@@ -189,7 +189,7 @@ def test_prompt_routing_keeps_an_adapter_only_where_its_trigger_word_is():
 
 
 def test_generate_image_routes_loras_by_trigger_words(tmp_path, tiny_sd):
-    from lorakit.generate_image import load_pipeline
+    from lorakit.sd.generate import load_pipeline
 
     tiny_sd.save_pretrained(tmp_path / "pipe")
     for name, seed in (("eight", 0), ("nine", 1)):

@@ -4,7 +4,8 @@ import importlib.util
 
 import pytest
 
-from lorakit import LoraError, pretrained
+from lorakit import LoraError
+from lorakit.llm import pretrained
 
 
 @pytest.fixture

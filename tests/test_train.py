@@ -9,9 +9,11 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from lorakit import LoraError, train as trainmod
+from lorakit import LoraError
+from lorakit.llm import train as trainmod
 from lorakit.cli import main
-from lorakit.train import TrainConfig, train
+from lorakit.llm.train import TrainConfig, train
+from lorakit.options import build
 
 from conftest import killed_at
 
@@ -27,7 +29,7 @@ def setup(tmp_path, save_tiny):
 def config(tmp, **kw):
     base = dict(model=str(tmp / "m"), data=str(tmp / "train.jsonl"), out=str(tmp / "run"), targets="all-linear",
                 r=4, alpha=8, lr=1e-2, max_steps=12, batch_size=4, dropout=0.1, seed=3)
-    return TrainConfig(**{**base, **kw})
+    return build(TrainConfig, {**base, **kw})
 
 
 def test_training_writes_adapter_metrics_curve_and_card(setup):
@@ -49,7 +51,7 @@ def test_training_writes_adapter_metrics_curve_and_card(setup):
 def test_resume_after_a_kill_gives_the_identical_adapter(setup):
     train(config(setup, out=str(setup / "whole")))
     want = load_file(str(setup / "whole" / "adapter.safetensors"))
-    with killed_at(trainmod, 8):
+    with killed_at(8):
         train(config(setup, save_every=5))
     assert [p.name for p in (setup / "run" / "checkpoints").iterdir()] == ["step-000005"]
     train(config(setup, save_every=5, resume=True))

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from .adapter import Adapter, resolve_paths
-from .algebra import choose_rank, lowrank_svd, oriented, svd
-from .config import scale
-from .errors import LoraError
-from .layers import delta
+from lorakit.formats.adapter import Adapter, resolve_paths
+from lorakit.algebra import choose_rank, lowrank_svd, oriented, svd
+from lorakit.core.config import scale
+from lorakit.core.errors import LoraError
+from lorakit.core.layers import delta
 
 
 def spectrum(s: torch.Tensor) -> dict:
@@ -72,8 +72,8 @@ def analyze(adapter: Adapter, vs: Adapter | None = None, base=None) -> dict:
         raise LoraError("the adapter holds no LoRA modules to analyse")
     weights = {}
     if base is not None:
-        from .pipeline import as_module
-        from .targeting import plain_modules
+        from lorakit.core.components import as_module
+        from lorakit.core.targeting import plain_modules
 
         model = as_module(base)
         names, paths = plain_modules(model), resolve_paths(model, list(adapter.modules))
@@ -145,7 +145,7 @@ def write(result: dict, out_dir) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_write
+    from lorakit.formats.io import atomic_write
 
     out = Path(out_dir)
     mods = result["modules"]

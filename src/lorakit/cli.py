@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
-from .config import scale
-from .errors import LoraError
-from .algebra import METHODS
-from .guard import GUARDS
-from .io import FORMATS, atomic_write, convert, read, write
+from lorakit import options
+from lorakit.core.config import scale
+from lorakit.core.errors import LoraError
+from lorakit.algebra import METHODS
+from lorakit.core.guard import GUARDS
+from lorakit.formats.io import FORMATS, atomic_write, convert, read, write
 
 
 def inspect(path: str, allow_pickle: bool = False) -> str:
@@ -52,40 +52,8 @@ def inspect(path: str, allow_pickle: bool = False) -> str:
     return "\n".join(lines)
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls):
-    """One --flag per dataclass field (defaults left unset, so a --config file can fill them)."""
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", default=None)
-        elif f.type == "list[str]":
-            parser.add_argument(flag, action="append", default=None, metavar=f.name.upper(), help="repeatable")
-        else:
-            kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
-            parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper())
-    parser.add_argument("--config", help="a YAML file with the same keys (flags given here win)")
-
-
-def config_from(args: argparse.Namespace, cls):
-    """The dataclass `cls` built from a --config YAML file overlaid with the flags given."""
-    values = {}
-    if args.config:
-        import yaml
-
-        values = yaml.safe_load(Path(args.config).read_text()) or {}
-        values = {k.replace("-", "_"): v for k, v in values.items()}
-        known = {f.name for f in dataclasses.fields(cls)}
-        if unknown := sorted(set(values) - known):
-            raise LoraError(f"{args.config}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
-    values.update({k: v for k, v in vars(args).items() if v is not None and k not in ("command", "config")})
-    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
-    if "list" in types.get("targets", "") and isinstance(values.get("targets"), str) and values["targets"] != "all-linear":
-        values["targets"] = [t for t in values["targets"].split(",") if t]
-    return cls(**values)
-
-
 def run_generate(args):
-    from .generate import complete, load_model
+    from lorakit.llm.generate import complete, load_model
 
     model, tokenizer = load_model(args.model, args.adapter, args.merge, args.guard)
     kw = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, chat=args.chat)
@@ -101,8 +69,8 @@ def run_generate(args):
 
 
 def run_generate_image(args):
-    from .generate_image import generate, load_pipeline
-    from .images import grid
+    from lorakit.sd.generate import generate, load_pipeline
+    from lorakit.sd.images import grid
 
     triggers = {}
     for spec in args.trigger:
@@ -120,8 +88,8 @@ def run_generate_image(args):
 
 
 def run_combine(args):
-    from .algebra import combine
-    from .generate import parse_adapter
+    from lorakit.algebra import combine
+    from lorakit.formats.io import parse_adapter
 
     specs = [parse_adapter(f) for f in args.files]
     inputs = [(read(path, allow_pickle=args.allow_pickle)[0], w, path) for path, w in specs]
@@ -136,7 +104,7 @@ def run_combine(args):
 
 
 def run_resize(args):
-    from .algebra import resize
+    from lorakit.algebra import resize
 
     a, report = resize(read(args.file, allow_pickle=args.allow_pickle)[0], args.rank, args.dynamic, args.clamp_quantile)
     print("\n".join(report.lines()))
@@ -144,8 +112,8 @@ def run_resize(args):
 
 
 def run_extract(args):
-    from .algebra import extract
-    from .merged import load_base
+    from lorakit.algebra import extract
+    from lorakit.merged import load_base
 
     base, tuned = load_base(args.base, tokenizer=False)[0], load_base(args.tuned, tokenizer=False)[0]
     targets = args.targets if args.targets in (None, "all-linear") else [t for t in args.targets.split(",") if t]
@@ -171,9 +139,9 @@ def add_svd_flags(p: argparse.ArgumentParser, rank_help: str):
 
 
 def run_analyze(args):
-    from .analysis import analyze, summary
-    from .analysis import write as write_analysis
-    from .merged import load_base
+    from lorakit.analysis import analyze, summary
+    from lorakit.analysis import write as write_analysis
+    from lorakit.merged import load_base
 
     a = read(args.file, allow_pickle=args.allow_pickle)[0]
     vs = read(args.vs, allow_pickle=args.allow_pickle)[0] if args.vs else None
@@ -182,11 +150,19 @@ def run_analyze(args):
     print("wrote " + ", ".join(map(str, write_analysis(result, args.out))))
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .train import TrainConfig
-    from .train_sd import SDTrainConfig
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported as the one line `lorakit: error: ...` (exit code 2)."""
 
-    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA adapters: train, generate, inspect, convert, "
+    def error(self, message: str):
+        self.exit(2, f"lorakit: error: {self.prog.removeprefix('lorakit').strip() + ': ' if ' ' in self.prog else ''}"
+                     f"{message}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lorakit.llm.train import TrainConfig
+    from lorakit.sd.train import SDTrainConfig
+
+    parser = Parser(prog="lorakit", description="LoRA adapters: train, generate, inspect, convert, "
                                      "combine, resize, extract, merge-into, analyze.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="describe an adapter file or PEFT folder")
@@ -198,9 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--to", required=True, choices=FORMATS)
     c.add_argument("--base", help="record this base model id (hub id or folder) in the output")
     c.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt files (weights only)")
-    add_config_flags(sub.add_parser("train", help="train a LoRA (or a full fine-tune) on a language model"),
-                     TrainConfig)
-    add_config_flags(sub.add_parser("train-sd", help="train a LoRA on a Stable Diffusion pipeline (text2image, "
+    options.add_flags(sub.add_parser("train", help="train a LoRA (or a full fine-tune) on a language model"),
+                      TrainConfig)
+    options.add_flags(sub.add_parser("train-sd", help="train a LoRA on a Stable Diffusion pipeline (text2image, "
                                     "dreambooth, pivotal)"), SDTrainConfig)
     gi = sub.add_parser("generate-image", help="images from a Stable Diffusion pipeline with weighted LoRAs")
     gi.add_argument("--model", help="pipeline folder or hub id (default: the base recorded in the first LoRA)")
@@ -269,16 +245,16 @@ def main(argv: list[str] | None = None) -> int:
             out = convert(args.src, args.dest, args.to, base_model=args.base, allow_pickle=args.allow_pickle)
             print(f"wrote {out} ({args.to})")
         elif args.command == "train":
-            from .train import train
+            from lorakit.llm.train import train
 
-            result = train(config_from(args, TrainConfig))
+            result = train(options.from_args(args, TrainConfig))
             print("\n".join(f"{k}: {v}" for k, v in result.items()))
         elif args.command == "generate":
             run_generate(args)
         elif args.command == "train-sd":
-            from .train_sd import train_sd
+            from lorakit.sd.train import train_sd
 
-            result = train_sd(config_from(args, SDTrainConfig))
+            result = train_sd(options.from_args(args, SDTrainConfig))
             print("\n".join(f"{k}: {v}" for k, v in result.items()))
         elif args.command == "generate-image":
             run_generate_image(args)
@@ -291,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "extract":
             run_extract(args)
         elif args.command == "merge-into":
-            from .generate import base_model, parse_adapter
-            from .merged import merge_into
+            from lorakit.formats.io import base_model, parse_adapter
+            from lorakit.merged import merge_into
 
             specs = [parse_adapter(a) for a in args.adapter]
             out = merge_into(base_model(args.model, [p for p, _ in specs]), specs, args.out, args.guard, args.allow_pickle)

@@ -8,9 +8,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import LoraError, warn
-from .io import load
-from .model import merge, set_weights, unload
+from lorakit.core.errors import LoraError, warn
+from lorakit.formats.io import load
+from lorakit.core.model import merge, set_weights, unload
 
 
 def load_base(spec: str, tokenizer: bool = True):
@@ -18,7 +18,7 @@ def load_base(spec: str, tokenizer: bool = True):
     a diffusers pipeline folder or `digits`, or a lone diffusers model folder (a UNet)."""
     p = Path(spec).expanduser()
     if spec == "digits" or (p / "model_index.json").exists():
-        from .train_sd import load_pipeline
+        from lorakit.sd.pipeline import load_pipeline
 
         return load_pipeline(spec), None
     try:
@@ -39,7 +39,7 @@ def _load_transformers(spec: str, tokenizer: bool):
     when asked for and present."""
     import transformers
 
-    from .pretrained import resolve
+    from lorakit.llm.pretrained import resolve
 
     where = resolve(spec)
     try:

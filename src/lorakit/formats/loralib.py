@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from ..adapter import Adapter, ModuleLora
-from ..errors import LoraError, warn
+from lorakit.formats.adapter import Adapter, ModuleLora
+from lorakit.core.errors import LoraError, warn
 
 DEFAULT_ALPHA = 1.0
 

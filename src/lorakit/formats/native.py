@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 
-from ..adapter import Adapter, ModuleLora
-from ..config import LoraConfig
-from ..errors import LoraError
+from lorakit.formats.adapter import Adapter, ModuleLora
+from lorakit.core.config import LoraConfig
+from lorakit.core.errors import LoraError
 
 FORMAT_VERSION = "1"
 

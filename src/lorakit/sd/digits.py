@@ -14,7 +14,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import LoraError
+from lorakit.core.cache import cache_dir
+from lorakit.core.errors import LoraError
+from lorakit.sd.generate import generate
+from lorakit.sd.images import load_image
+from lorakit.sd.pipeline import EMBEDDED
+from lorakit.sd.train import SDTrainConfig, train_sd
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 SEEN = range(8)
@@ -128,8 +133,6 @@ def train_vae(vae, images, steps: int = 400, seed: int = 0):
     latents have unit variance, as SD's 0.18215 does."""
     from tqdm.auto import tqdm
 
-    from .images import load_image
-
     x = torch.stack([load_image(p, RESOLUTION) for p in images])
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
@@ -154,8 +157,6 @@ def train_vae(vae, images, steps: int = 400, seed: int = 0):
 
 def build(dest: Path, steps: int = 3000, vae_steps: int = 400, seed: int = 0) -> Path:
     """Build and pretrain the digits pipeline into `dest` (written atomically: a temp folder renamed at the end)."""
-    from .train_sd import SDTrainConfig, train_sd
-
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     x, y, _, _ = split()
@@ -181,8 +182,6 @@ def build(dest: Path, steps: int = 3000, vae_steps: int = 400, seed: int = 0) ->
 
 def ensure() -> Path:
     """The cached digits pipeline folder, built on first use (minutes on 2 CPU cores)."""
-    from .pretrained import cache_dir
-
     dest = cache_dir() / f"digits-v{VERSION}"
     if not (dest / "model_index.json").exists():
         print(f"building the digits pipeline into {dest} (once)")
@@ -194,8 +193,6 @@ def ensure() -> Path:
 def accuracy(pipe, digit: int, prompt: str | None = None, n: int = 32, seed: int = 0, clf=None,
              steps: int = 20, guidance: float = 3.0) -> float:
     """The share of `n` samples for `prompt` (default: the digit's caption) the classifier reads as `digit`."""
-    from .generate_image import generate
-
     clf = clf or classifier()
     imgs = generate(pipe, prompt or caption(digit), None, n, steps, guidance, seed, RESOLUTION)
     import numpy as np
@@ -204,11 +201,12 @@ def accuracy(pipe, digit: int, prompt: str | None = None, n: int = 32, seed: int
     return float((pred == digit).mean())
 
 
-def check_model(name: str) -> str:
-    """`name` itself, or the digits folder for "digits"."""
-    if name == "digits":
-        try:
-            return str(ensure())
-        except ImportError as e:
-            raise LoraError(f"the digits model needs scikit-learn ({e}); pip install scikit-learn") from None
-    return name
+def folder() -> str:
+    """The folder behind the embedded name "digits" (built on first use)."""
+    try:
+        return str(ensure())
+    except ImportError as e:
+        raise LoraError(f"the digits model needs scikit-learn ({e}); pip install scikit-learn") from None
+
+
+EMBEDDED["digits"] = folder

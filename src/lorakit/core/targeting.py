@@ -7,8 +7,8 @@ import re
 
 from torch import nn
 
-from .errors import LoraError
-from .layers import is_lora, kind_of
+from lorakit.core.errors import LoraError
+from lorakit.core.layers import is_lora, kind_of
 
 HEAD_NAMES = ("lm_head", "score", "classifier")
 

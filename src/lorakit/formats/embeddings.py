@@ -7,7 +7,7 @@ import inspect
 import torch
 from torch import nn
 
-from .errors import LoraError
+from lorakit.core.errors import LoraError
 
 
 def check_embeddings(text_encoder: nn.Module, embeddings: dict, source: str = "embeddings") -> None:

@@ -7,7 +7,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from .errors import LoraError
+from lorakit.core.errors import LoraError
 
 BIAS_MODES = ("none", "all", "lora_only")
 INITS = (True, False, "gaussian")

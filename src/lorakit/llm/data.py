@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import LoraError
+from lorakit.core.errors import LoraError
 
 IGNORE = -100  # the label that cross-entropy (and every transformers model) leaves out of the loss
 SHAPES = {("completion", "prompt"): "prompt/completion", ("messages",): "messages", ("text",): "text",

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import LoraError
+from lorakit.core.errors import LoraError
 
 # What lorakit can adapt: "linear" (nn.Linear), "conv1d_t" (transformers' GPT-2 Conv1D, weight
 # stored in x out), "embedding" (nn.Embedding) and "conv" (nn.Conv1d/2d/3d).

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import LoraError
+from lorakit.core.errors import LoraError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import LoraError
-from .generate import base_model, parse_adapter
-from .guard import route
-from .io import load, read
-from .model import merge, set_weights
-from .pipeline import as_module
+from lorakit.core.errors import LoraError
+from lorakit.core.guard import route
+from lorakit.formats.io import base_model, load, parse_adapter, read
+from lorakit.core.model import merge, set_weights
+from lorakit.core.components import as_module
+from lorakit.sd.pipeline import load_pipeline as load_base
 
 TAG = re.compile(r"<lora:([^<>]*)>")
 
@@ -52,8 +52,6 @@ def load_pipeline(model: str | None, loras: list[str], prompt: str, lora_dir: st
     """(pipeline with the LoRAs of `--lora FILE[:W]` and of the prompt's tags active, prompt without tags).
     Without `model`, the base recorded in the first LoRA is used; `guard` holds back burn-out (set_weights);
     `triggers` {file stem: words} routes: such a LoRA is used only when one of its words is in the prompt."""
-    from .train_sd import load_pipeline as load_base
-
     prompt, tags = parse_tags(prompt)
     specs = [(path, w, w) for path, w in map(parse_adapter, loras)]
     specs += [(str(find_lora(name, lora_dir)), te, un) for name, te, un in tags]

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import LoraError
-from .layers import delta
+from lorakit.core.errors import LoraError
+from lorakit.core.layers import delta
 
 GUARDS = ("spectral", "shared", "norm")
 

@@ -14,12 +14,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import adapter as canonical
-from .embeddings import add_tokens, check_embeddings
-from .errors import LoraError, warn
-from .formats import cloneofsimo, diffusers, kohya, loralib, lycoris, native, peft
-from .model import active, adapter_infos, adapters
-from .pipeline import as_module, component_of, is_pipeline_view
+from lorakit.formats import adapter as canonical
+from lorakit.formats.embeddings import add_tokens, check_embeddings
+from lorakit.core.errors import LoraError, warn
+from lorakit.formats import cloneofsimo, diffusers, kohya, loralib, lycoris, native, peft
+from lorakit.core.model import active, adapter_infos, adapters
+from lorakit.core.components import as_module, component_of, is_pipeline_view
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 FORMATS = ("lorakit", "peft", "diffusers", "kohya")
@@ -227,3 +227,26 @@ def convert(src, dest, to: str, base_model: str | None = None, allow_pickle: boo
                         "load it onto its pipeline with lorakit.load, then lorakit.save in the format you want")
     a.base_model = base_model or a.base_model
     return write(a, dest, to, **options)
+
+
+def parse_adapter(spec: str) -> tuple[str, float]:
+    """"FILE" or "FILE:WEIGHT" -> (path, weight); the weight may be negative."""
+    path, sep, weight = spec.rpartition(":")
+    if sep:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def base_model(model: str | None, files: list[str]) -> str:
+    """`model`, or else the base model recorded in the first adapter file."""
+    if model is not None:
+        return model
+    if not files:
+        raise LoraError("give --model, or an adapter whose file records its base model")
+    recorded = read(files[0])[0].base_model
+    if not recorded:
+        raise LoraError(f"{files[0]} does not record its base model; give --model")
+    return recorded

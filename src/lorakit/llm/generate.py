@@ -4,34 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from . import pretrained
-from .errors import LoraError
-from .io import load, read
-from .model import merge as merge_adapters
-from .model import set_weights
-
-
-def parse_adapter(spec: str) -> tuple[str, float]:
-    """"FILE" or "FILE:WEIGHT" -> (path, weight); the weight may be negative."""
-    path, sep, weight = spec.rpartition(":")
-    if sep:
-        try:
-            return path, float(weight)
-        except ValueError:
-            pass
-    return spec, 1.0
-
-
-def base_model(model: str | None, files: list[str]) -> str:
-    """`model`, or else the base model recorded in the first adapter file."""
-    if model is not None:
-        return model
-    if not files:
-        raise LoraError("give --model, or an adapter whose file records its base model")
-    recorded = read(files[0])[0].base_model
-    if not recorded:
-        raise LoraError(f"{files[0]} does not record its base model; give --model")
-    return recorded
+from lorakit.llm import pretrained
+from lorakit.core.errors import LoraError
+from lorakit.formats.io import base_model, load, parse_adapter
+from lorakit.core.model import merge as merge_adapters
+from lorakit.core.model import set_weights
 
 
 def load_model(model: str | None, adapters: list[str], merge: bool = False, guard: str | None = None):

@@ -1,0 +1,1 @@
+"""The LoRA technique itself: settings, the layer, targeting, the model-level operations."""

@@ -1,0 +1,1 @@
+"""Language models: loading, data, training (causal LM and classification), generation."""

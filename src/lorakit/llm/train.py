@@ -1,0 +1,263 @@
+"""Training LoRA (or, for comparison, every weight) on causal-LM or classification data, on accelerate.
+
+Deterministic by construction: the example order of every step is a function of (seed, step), so a
+resumed run sees exactly the batches an uninterrupted one would, and N processes each take a slice
+of the same global batch. The loss is a sum over loss tokens (or examples) divided by their count
+in the whole global batch, so the gradient does not depend on how the batch was split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from lorakit import options, runner
+from lorakit.core.config import LoraConfig
+from lorakit.core.errors import LoraError
+from lorakit.core.model import inject, summary
+from lorakit.core.targeting import classifier_head
+from lorakit.formats.io import save
+from lorakit.llm import data as datalib
+from lorakit.llm import pretrained
+from lorakit.llm.generate import bleu
+
+@dataclass
+class TrainConfig:
+    """A `lorakit train` run; every field is a flag (--max-steps) and a YAML key (max_steps), LoRA's included."""
+
+    model: str = "smollm2-135m"
+    data: str = ""
+    task: Literal["causal-lm", "classify"] = "causal-lm"
+    out: str = "run"
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=8, alpha=16, dropout=0.05))
+    lr: float = 2e-4
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 8  # examples per process per micro-step
+    grad_accum: int = 1
+    max_length: int = 256
+    eval_data: str | None = None
+    eval_every: int = 0
+    save_every: int = 0
+    keep: int = 2  # checkpoints kept
+    resume: bool = False
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    precision: Literal["fp32", "bf16"] = "fp32"
+    full_finetune: bool = False
+    schedule: runner.Schedule = "cosine"
+    warmup: float = 0.05  # fraction of the steps
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    skip_bad: bool = False
+    eval_bleu: bool = False  # also generate for each eval prompt and score BLEU (before and after)
+    num_beams: int = 1
+
+    def __post_init__(self):
+        options.check(self)
+
+
+def loss_sum(model, batch: dict, task: str) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """(sum of per-token or per-example losses, how many, logits) for one micro-batch."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if task == "causal-lm":
+        labels = batch["labels"][:, 1:]
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                               reduction="sum")
+        return loss, int((labels != -100).sum()), logits
+    return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), len(batch["labels"]), logits
+
+
+@torch.no_grad()
+def evaluate(model, rows: list[dict], task: str, pad_id: int, batch_size: int) -> dict:
+    """Mean loss and perplexity (causal LM) or accuracy (classification) over `rows`."""
+    was_training = model.training
+    model.eval()
+    total, count, correct = 0.0, 0, 0
+    for i in range(0, len(rows), batch_size):
+        batch = datalib.collate(rows[i: i + batch_size], pad_id)
+        loss, n, logits = loss_sum(model, batch, task)
+        total, count = total + loss.item(), count + n
+        if task == "classify":
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+    model.train(was_training)
+    out = {"eval_loss": total / max(count, 1)}
+    if task == "causal-lm":
+        out["eval_ppl"] = math.exp(min(out["eval_loss"], 50))
+    else:
+        out["eval_accuracy"] = correct / max(count, 1)
+    return out
+
+
+def n_targets(batch: dict, task: str) -> int:
+    """How many loss terms a micro-batch contributes (loss tokens, or examples)."""
+    return int((batch["labels"][:, 1:] != -100).sum()) if task == "causal-lm" else len(batch["labels"])
+
+
+def train(cfg: TrainConfig, adapt=None) -> dict:
+    """Train per `cfg`. Writes RUN/adapter.safetensors (or RUN/model/ for a full fine-tune),
+    RUN/metrics.jsonl, RUN/loss.png, RUN/README.md (model card) and RUN/checkpoints/step-N/.
+
+    `adapt(model) -> model`, if given, replaces lorakit's injection (e.g. PEFT's `get_peft_model`, to compare
+    both through the same loop); what it returns is trained as is and saved with its `save_pretrained` in RUN/adapter/."""
+    return runner.run(Trainer(cfg, adapt))
+
+
+class Trainer:
+    """One LLM run in named steps for lorakit.runner: set-up (here), step, evaluate, finish."""
+
+    name = "train"
+
+    def __init__(self, cfg: TrainConfig, adapt=None):
+        from accelerate import Accelerator
+        from transformers import get_scheduler
+
+        # a multi-process launch on a machine without GPUs runs DDP on the CPU (gloo)
+        on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        self.acc = acc = Accelerator(cpu=on_cpu)  # bf16 is plain autocast, so runs in one process may differ in precision
+        self.cfg, self.adapt, self.out = cfg, adapt, Path(cfg.out)
+        self.resume, self.save_every, self.keep = cfg.resume, cfg.save_every, cfg.keep
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+
+        examples, self.skipped = datalib.read_examples(cfg.data, skip_bad=cfg.skip_bad)
+        self.labels = datalib.label_names(examples) if cfg.task == "classify" else None
+        model, self.tokenizer, self.base = pretrained.load(cfg.model, cfg.task, num_labels=len(self.labels or [0, 1]))
+        self.rows = self.encode(examples)
+        self.eval_examples = datalib.read_examples(cfg.eval_data, skip_bad=cfg.skip_bad)[0] if cfg.eval_data else []
+        self.eval_rows = self.encode(self.eval_examples) if self.eval_examples else []
+        self.eval_every = cfg.eval_every if self.eval_rows else 0
+        self.pad_id = self.tokenizer.pad_token_id
+
+        if cfg.full_finetune:
+            model.requires_grad_(True)
+        elif adapt is not None:
+            model = adapt(model)
+        else:
+            heads = classifier_head(model) if cfg.task == "classify" else []
+            inject(model, replace(cfg.lora, modules_to_save=[*cfg.lora.modules_to_save, *heads]))
+        if cfg.gradient_checkpointing:
+            kwargs = {"use_reentrant": False}  # reentrant checkpointing would leave LoRA untrained (peft#1142)
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.train()
+        self.trained = [p for p in model.parameters() if p.requires_grad]
+        self.n_trainable = sum(p.numel() for p in self.trained)
+        self.n_total = sum(p.numel() for p in model.parameters())
+
+        self.per_step = cfg.batch_size * cfg.grad_accum * acc.num_processes
+        self.total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.rows) / self.per_step))
+        opt = torch.optim.AdamW(self.trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=round(cfg.warmup * self.total),
+                                   num_training_steps=self.total)
+        self.model, self.opt = acc.prepare(model, opt)
+        self.plain = acc.unwrap_model(self.model)
+        self.params = {n: p for n, p in self.plain.named_parameters() if p.requires_grad}  # what checkpoints hold
+        self.tokens, self.t0 = 0, time.time()
+
+    def encode(self, examples: list[dict]) -> list[dict]:
+        """Token rows for the task (causal LM rows whose loss tokens were all truncated are dropped)."""
+        if self.cfg.task == "causal-lm":
+            return datalib.tokenize_causal(examples, self.tokenizer, self.cfg.max_length)[0]
+        return datalib.tokenize_classify(examples, self.tokenizer, self.cfg.max_length, self.labels)[0]
+
+    def begin(self, start: int) -> dict:
+        """Say what trains; evaluate the untouched model once (a fresh run); returns those "before" metrics."""
+        cfg = self.cfg
+        if not self.acc.is_main_process:
+            return {}
+        print(f"{self.n_trainable:,} of {self.n_total:,} params trainable" if cfg.full_finetune or self.adapt
+              else summary(self.plain))
+        if self.skipped:
+            print(f"skipped {self.skipped} bad lines in {cfg.data}")
+        before = {}
+        if self.eval_rows and not start:
+            before = {f"{k}_before": v for k, v in self.evaluate(0).items()}
+            if cfg.eval_bleu:
+                before["eval_bleu_before"] = self.bleu()
+            print("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
+        return {"trainable_params": self.n_trainable, "total_params": self.n_total, "skipped": self.skipped, **before}
+
+    def step(self, step: int) -> dict:
+        """One optimisation step on this process's slice of global batch `step`."""
+        cfg, acc = self.cfg, self.acc
+        world, rank = acc.num_processes, acc.process_index
+        idx = runner.step_indices(len(self.rows), cfg.seed, step, self.per_step)
+        size = cfg.batch_size * world
+        micro = [idx[k * size + rank * cfg.batch_size:k * size + (rank + 1) * cfg.batch_size]
+                 for k in range(cfg.grad_accum)]
+        batches = [datalib.collate([self.rows[i] for i in m], self.pad_id) for m in micro]
+        count = acc.reduce(torch.tensor(float(sum(n_targets(b, cfg.task) for b in batches))), "sum").item()
+        running = 0.0
+        for k, b in enumerate(batches):
+            sync = acc.no_sync(self.model) if k < len(batches) - 1 else contextlib.nullcontext()
+            with sync, torch.autocast(acc.device.type, torch.bfloat16, enabled=cfg.precision == "bf16"):
+                loss, _, _ = loss_sum(self.model, b, cfg.task)
+                acc.backward(loss * world / max(count, 1))
+            running += loss.item()
+            self.tokens += int(b["attention_mask"].sum())
+        if cfg.max_grad_norm:
+            acc.clip_grad_norm_(self.trained, cfg.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return {"loss": acc.reduce(torch.tensor(running), "sum").item() / max(count, 1),
+                "lr": self.sched.get_last_lr()[0], "tokens_per_s": self.tokens * world / max(time.time() - self.t0, 1e-9)}
+
+    def evaluate(self, step: int) -> dict:
+        return evaluate(self.plain, self.eval_rows, self.cfg.task, self.pad_id, self.cfg.batch_size)
+
+    def bleu(self) -> float:
+        """BLEU of greedy/beam generations for the eval prompts against all their references."""
+        was_training = self.plain.training
+        self.plain.eval()
+        score = bleu(self.plain, self.tokenizer, self.eval_examples, max_new_tokens=self.cfg.max_length,
+                     num_beams=self.cfg.num_beams)["bleu"]
+        self.plain.train(was_training)
+        return score
+
+    def checkpointed(self, step: int):
+        pass
+
+    def finish(self, result: dict) -> dict:
+        """Final evaluation, then the adapter (or model) into the run folder."""
+        cfg, out = self.cfg, self.out
+        if self.eval_rows:
+            result.update(self.evaluate(self.total))
+            if cfg.eval_bleu:
+                result["eval_bleu"] = self.bleu()
+        if cfg.full_finetune:
+            self.plain.save_pretrained(out / "model")
+            self.tokenizer.save_pretrained(out / "model")
+        elif self.adapt is not None:
+            self.plain.save_pretrained(out / "adapter")
+        else:
+            result["adapter"] = str(save(self.plain, out / "adapter.safetensors", base_model=self.base))
+            result["adapter_bytes"] = (out / "adapter.safetensors").stat().st_size
+        return result
+
+    def card(self, result: dict) -> tuple[dict, str, dict]:
+        cfg, full = self.cfg, self.cfg.full_finetune
+        front = {"base_model": cfg.model, "library_name": "lorakit", "task": cfg.task,
+                 "r": None if full else cfg.lora.r, "alpha": None if full else cfg.lora.alpha,
+                 "targets": "all weights" if full else cfg.lora.targets, "data": cfg.data,
+                 "steps": result["steps"], "trainable_params": result["trainable_params"],
+                 "metrics": {k: v for k, v in result.items() if k.startswith(("eval_", "final_"))}}
+        if self.labels:
+            front["labels"] = list(self.labels)
+        body = (f"A {'full fine-tune' if full else 'LoRA adapter'} of `{cfg.model}` trained with lorakit on "
+                f"`{cfg.data}` for {result['steps']} steps.")
+        return front, body, asdict(cfg)
