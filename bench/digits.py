@@ -9,7 +9,7 @@
                                                  #    LoRA Switch/Composite, token-scoped K/V, prompt routing; the pair
                                                  #    trained with prior preservation; 3 and 4 LoRAs (+ "two", "three")
 
-The first run builds and caches the digits pipeline (lorakit.digits). Accuracy = the share of --samples generated
+The first run builds and caches the digits pipeline (lorakit.sd.digits). Accuracy = the share of --samples generated
 images (DPM-Solver++, 20 steps, guidance 3, fixed seeds) that an SVM trained on scikit-learn's digits train split
 reads as the intended digit. Results go to bench/results/digits-<name>.md/.json and sample grids to
 bench/results/digits/.
@@ -46,14 +46,14 @@ def parse_args(argv=None):
 
 
 def seen_accuracy(pipe, clf, args) -> dict[int, float]:
-    from lorakit import digits
+    from lorakit.sd import digits
 
     return {d: digits.accuracy(pipe, d, n=args.samples, seed=args.seed + d, clf=clf) for d in digits.SEEN}
 
 
 def new_data(digit: int, args) -> Path:
     """The first --images train-split images of `digit`, as a Dreambooth instance folder."""
-    from lorakit import digits
+    from lorakit.sd import digits
 
     x, y, _, _ = digits.split()
     idx = [i for i in range(len(y)) if y[i] == digit][: args.images]
@@ -62,10 +62,11 @@ def new_data(digit: int, args) -> Path:
 
 def train_new(digit: int, args, name: str, **kw) -> Path:
     """A Dreambooth LoRA for `digit` on the digits pipeline; returns the adapter file."""
-    from lorakit import digits
-    from lorakit.train_sd import SDTrainConfig, train_sd
+    from lorakit.sd import digits
+    from lorakit.sd.train import SDTrainConfig, train_sd
+    from lorakit.options import build
 
-    cfg = SDTrainConfig(model="digits", mode="dreambooth", data=str(new_data(digit, args)), out=str(WORK / name),
+    cfg = build(SDTrainConfig, model="digits", mode="dreambooth", data=str(new_data(digit, args)), out=str(WORK / name),
                         instance_prompt=digits.caption(digit), resolution=digits.RESOLUTION, batch_size=4,
                         max_steps=args.steps, r=args.r, alpha=args.r, lr=args.lr, seed=args.seed, cache_latents=True,
                         validation_prompts=[digits.caption(digit)], num_validation_images=8, guidance_scale=3.0)
@@ -78,7 +79,7 @@ def train_new(digit: int, args, name: str, **kw) -> Path:
 def fresh(adapters: dict[str, float] | None = None):
     """The digits pipeline with these adapter files active at these weights."""
     import lorakit
-    from lorakit.train_sd import load_pipeline
+    from lorakit.sd.pipeline import load_pipeline
 
     pipe = load_pipeline("digits")
     names = {lorakit.load(pipe, path): w for path, w in (adapters or {}).items()}
@@ -88,9 +89,9 @@ def fresh(adapters: dict[str, float] | None = None):
 
 
 def save_grid(pipe, prompts: list[str], path: Path, seed: int):
-    from lorakit import digits
-    from lorakit.generate_image import generate
-    from lorakit.images import grid
+    from lorakit.sd import digits
+    from lorakit.sd.generate import generate
+    from lorakit.sd.images import grid
 
     imgs = generate(pipe, prompts, None, 8, 20, 3.0, seed, digits.RESOLUTION)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +99,7 @@ def save_grid(pipe, prompts: list[str], path: Path, seed: int):
 
 
 def measure_base(args, clf) -> dict:
-    from lorakit import digits
+    from lorakit.sd import digits
 
     pipe = fresh()
     acc = seen_accuracy(pipe, clf, args)
@@ -108,7 +109,7 @@ def measure_base(args, clf) -> dict:
 
 
 def measure_dreambooth(args, clf) -> dict:
-    from lorakit import digits
+    from lorakit.sd import digits
 
     out = {}
     base = fresh()
@@ -129,7 +130,7 @@ def measure_dreambooth(args, clf) -> dict:
 
 
 def measure_pivotal(args, clf) -> dict:
-    from lorakit import digits
+    from lorakit.sd import digits
 
     out = {}
     for digit in (8, 9):
@@ -148,7 +149,7 @@ def measure_pivotal(args, clf) -> dict:
 
 
 def measure_stack(args, clf) -> dict:
-    from lorakit import digits
+    from lorakit.sd import digits
 
     l8 = WORK / "db-8-plain" / "adapter.safetensors"
     l9 = WORK / "db-9-plain" / "adapter.safetensors"
@@ -186,7 +187,7 @@ def sample(pipe, prompt: str, n: int, seed: int, callback=None) -> list:
     import torch
     from diffusers import DPMSolverMultistepScheduler
 
-    from lorakit import digits
+    from lorakit.sd import digits
 
     old = pipe.scheduler
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(old.config, algorithm_type="dpmsolver++")
@@ -203,8 +204,8 @@ def evaluate(setup: Setup, args, clf, grid_path: Path | None = None) -> dict[int
     """Accuracy per digit 0-9; the first 8 samples of each prompt as one grid row."""
     import numpy as np
 
-    from lorakit import digits
-    from lorakit.images import grid
+    from lorakit.sd import digits
+    from lorakit.sd.images import grid
 
     acc, cells = {}, []
     for d in range(10):
@@ -223,9 +224,9 @@ def evaluate(setup: Setup, args, clf, grid_path: Path | None = None) -> dict[int
 def stacked(adapters: dict, weights: dict[str, float] | None = None, guard: str | None = None):
     """A fresh digits pipeline with these canonical adapters (name -> Adapter) on, active at `weights` (default 1)."""
     import lorakit
-    from lorakit.adapter import apply
-    from lorakit.pipeline import as_module
-    from lorakit.train_sd import load_pipeline
+    from lorakit.formats.adapter import apply
+    from lorakit.core.components import as_module
+    from lorakit.sd.pipeline import load_pipeline
 
     pipe = load_pipeline("digits")
     for name, a in adapters.items():
@@ -244,7 +245,7 @@ def per_module(a, weight):
     """Block weights: each module's update scaled by weight(path); modules at weight 0 dropped."""
     import dataclasses
 
-    from lorakit.adapter import ModuleLora
+    from lorakit.formats.adapter import ModuleLora
 
     mods = {p: ModuleLora(m.A, m.B * weight(p), m.alpha, m.kind) for p, m in a.modules.items() if weight(p) != 0}
     return dataclasses.replace(a, modules=mods, fingerprint={p: s for p, s in a.fingerprint.items() if p in mods})
@@ -256,8 +257,8 @@ def only(a, keep):
 
 def klora(adapters: dict, k: int = 16) -> dict:
     """K-LoRA without its time schedule: in each module only the adapter whose k largest |ΔW| entries sum highest."""
-    from lorakit.config import scale
-    from lorakit.layers import delta
+    from lorakit.core.config import scale
+    from lorakit.core.layers import delta
 
     score = {}
     for n, a in adapters.items():
@@ -305,7 +306,7 @@ def composite(adapters: dict) -> Setup:
 def routed(adapters: dict, digit_of: dict[str, int]) -> Setup:
     """Prompt routing: for each prompt only the adapters whose trigger word (its digit's name) is in it."""
     import lorakit
-    from lorakit import digits
+    from lorakit.sd import digits
 
     pipe = stacked(adapters)
 
@@ -325,9 +326,9 @@ def token_scoped(adapters: dict, digit_of: dict[str, int]) -> Setup:
     import torch
 
     import lorakit
-    from lorakit import digits
-    from lorakit.model import lora_modules
-    from lorakit.pipeline import as_module
+    from lorakit.sd import digits
+    from lorakit.core.model import lora_modules
+    from lorakit.core.components import as_module
 
     kv = {n: only(a, lambda p: bool(KV.search(p))) for n, a in adapters.items()}
     pipe = stacked(kv)
@@ -372,9 +373,9 @@ def measure_guard(args, clf) -> dict:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from lorakit import digits
+    from lorakit.sd import digits
     from lorakit.algebra import combine
-    from lorakit.io import read
+    from lorakit.formats.io import read
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
@@ -510,7 +511,7 @@ def sd15_one(kind: str) -> dict:
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     import lorakit
-    from lorakit.diffusion import denoising_loss
+    from lorakit.sd.diffusion import denoising_loss, draw
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(cross_attention_dim=768)
@@ -524,7 +525,8 @@ def sd15_one(kind: str) -> dict:
     times = []
     for _ in range(4):
         t0 = time.perf_counter()
-        loss = denoising_loss(unet, sched, torch.randn(1, 4, 32, 32, generator=g), torch.randn(1, 77, 768, generator=g), g)
+        x0, text = torch.randn(1, 4, 32, 32, generator=g), torch.randn(1, 77, 768, generator=g)
+        loss = denoising_loss(unet, sched, x0, text, *draw(sched, x0, g))
         loss.mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -553,7 +555,7 @@ def main(argv=None):
         if what == "sd15":
             result = measure_sd15(args)
         else:
-            from lorakit import digits
+            from lorakit.sd import digits
 
             clf = digits.classifier()
             result = {"base": measure_base, "dreambooth": measure_dreambooth, "pivotal": measure_pivotal,

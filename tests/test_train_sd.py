@@ -12,9 +12,10 @@ from PIL import Image
 
 import lorakit
 from lorakit import LoraError
-from lorakit.generate_image import load_pipeline, parse_tags
-from lorakit.train_sd import SDTrainConfig, train_sd
-from lorakit.train_sd import load_pipeline as load_base
+from lorakit.sd.generate import load_pipeline, parse_tags
+from lorakit.sd.train import SDTrainConfig, train_sd
+from lorakit.options import build
+from lorakit.sd.pipeline import load_pipeline as load_base
 
 from conftest import killed_at
 
@@ -36,7 +37,7 @@ def sd_setup(tiny_sd, tmp_path):
 def config(tmp, **kw):
     base = dict(model=str(tmp / "pipe"), data=str(tmp / "images"), out=str(tmp / "run"), resolution=8, max_steps=3,
                 lr=1e-2, seed=1, validation_prompts=["a dog"], num_validation_images=2, validation_steps=2)
-    return SDTrainConfig(**{**base, **kw})
+    return build(SDTrainConfig, {**base, **kw})
 
 
 def weights(pipe):
@@ -127,11 +128,11 @@ def test_pivotal_changes_only_the_new_token_rows_and_lora_and_restores_them(sd_s
 
 
 def test_resume_after_a_kill_gives_the_identical_adapter(sd_setup):
-    import lorakit.train_sd as sdmod
+    import lorakit.sd.train as sdmod
 
     kw = dict(max_steps=4, save_every=2, validation_prompts=[], random_flip=True)
     train_sd(config(sd_setup, out=str(sd_setup / "straight"), **kw))
-    with killed_at(sdmod, 3):
+    with killed_at(3):
         train_sd(config(sd_setup, out=str(sd_setup / "resumed"), **kw))
     train_sd(config(sd_setup, out=str(sd_setup / "resumed"), resume=True, **kw))
     a = lorakit.read(sd_setup / "straight" / "adapter.safetensors")[0]
@@ -188,7 +189,7 @@ def test_loss_options_run_and_v_prediction_uses_the_velocity(sd_setup):
 
     from diffusers import DDPMScheduler
 
-    from lorakit.diffusion import denoising_loss, snr_weights
+    from lorakit.sd.diffusion import denoising_loss, draw, snr_weights
 
     cfg_path = sd_setup / "pipe" / "scheduler" / "scheduler_config.json"
     sched = _json.loads(cfg_path.read_text())
@@ -206,7 +207,8 @@ def test_loss_options_run_and_v_prediction_uses_the_velocity(sd_setup):
             eps = (noisy - a.sqrt() * x0) / (1 - a).sqrt()
             return type("Out", (), {"sample": s.get_velocity(x0, eps, t)})()
 
-    loss = denoising_loss(Oracle(), s, x0, None, torch.Generator().manual_seed(0), snr_gamma=5.0)
+    noise, t = draw(s, x0, torch.Generator().manual_seed(0))
+    loss = denoising_loss(Oracle(), s, x0, None, noise, t, snr_gamma=5.0)
     assert loss.abs().max() < 1e-4
     t = torch.tensor([10, 900])
     snr = s.alphas_cumprod[t] / (1 - s.alphas_cumprod[t])
