@@ -13,7 +13,8 @@ class LoraError(ValueError):
 def warn(message: str):
     """warnings.warn, attributed to the first caller outside lorakit (lorakit.load, .read and the CLI
     reach the same warning through different depths of calls)."""
-    here, level, frame = os.path.dirname(os.path.abspath(__file__)) + os.sep, 1, sys._getframe(0)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # the lorakit package
+    level, frame = 1, sys._getframe(0)
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, UserWarning, stacklevel=level)
