@@ -237,7 +237,10 @@ def main(argv: list[str] | None = None) -> int:
                     "pipeline folder or digits): ‖UᵀWVᵀ‖_F and the amplification factor")
     an.add_argument("--out", required=True, help="folder for analysis.json and the plots")
     an.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt files (weights only)")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a usage error (already reported in one line) or --help
+        return e.code
     try:
         if args.command == "inspect":
             print(inspect(args.file, args.allow_pickle))
