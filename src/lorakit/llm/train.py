@@ -27,6 +27,7 @@ from lorakit.core.model import inject, summary
 from lorakit.core.targeting import classifier_head
 from lorakit.formats.io import save
 from lorakit.llm import data as datalib
+from lorakit.llm import fsdp
 from lorakit.llm import pretrained
 from lorakit.llm.generate import bleu
 
@@ -126,6 +127,7 @@ class Trainer:
         # a multi-process launch on a machine without GPUs runs DDP on the CPU (gloo)
         on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
         self.acc = acc = Accelerator(cpu=on_cpu)  # bf16 is plain autocast, so runs in one process may differ in precision
+        self.fsdp, self.kept = fsdp.setup(acc, cfg, adapt, on_cpu), {}  # kept: see together()
         self.cfg, self.adapt, self.out = cfg, adapt, Path(cfg.out)
         self.resume, self.save_every, self.keep = cfg.resume, cfg.save_every, cfg.keep
         torch.manual_seed(cfg.seed)
@@ -165,6 +167,7 @@ class Trainer:
                                    num_training_steps=self.total)
         self.model, self.opt = acc.prepare(model, opt)
         self.plain = acc.unwrap_model(self.model)
+        self.trained = [p for p in self.model.parameters() if p.requires_grad]  # FSDP swaps in sharded ones
         self.params = {n: p for n, p in self.plain.named_parameters() if p.requires_grad}  # what checkpoints hold
         self.tokens, self.t0 = 0, time.time()
 
@@ -177,6 +180,10 @@ class Trainer:
     def begin(self, start: int) -> dict:
         """Say what trains; evaluate the untouched model once (a fresh run); returns those "before" metrics."""
         cfg = self.cfg
+        if self.fsdp:
+            print(f"FSDP: process {self.acc.process_index} holds {fsdp.local_numel(self.plain):,} of "
+                  f"{self.n_total:,} parameters", flush=True)
+            self.together(0)
         if not self.acc.is_main_process:
             return {}
         print(f"{self.n_trainable:,} of {self.n_total:,} params trainable" if cfg.full_finetune or self.adapt
@@ -187,7 +194,7 @@ class Trainer:
         if self.eval_rows and not start:
             before = {f"{k}_before": v for k, v in self.evaluate(0).items()}
             if cfg.eval_bleu:
-                before["eval_bleu_before"] = self.bleu()
+                before["eval_bleu_before"] = self.bleu(0)
             print("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
         return {"trainable_params": self.n_trainable, "total_params": self.n_total, "skipped": self.skipped, **before}
 
@@ -214,14 +221,30 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.fsdp:
+            self.together(step + 1)
         return {"loss": acc.reduce(torch.tensor(running), "sum").item() / max(count, 1),
                 "lr": self.sched.get_last_lr()[0], "tokens_per_s": self.tokens * world / max(time.time() - self.t0, 1e-9)}
 
+    def together(self, step: int):
+        """Under FSDP, what the main process will ask for after `step` steps, computed now by every process (a sharded
+        model's forward, and gathering its tensors whole, need them all): evaluations, BLEU, the trained tensors."""
+        if self.eval_rows and (step in (0, self.total) or self.eval_every and step % self.eval_every == 0):
+            self.kept["eval", step] = self.evaluate(step)
+            if self.cfg.eval_bleu and step in (0, self.total):
+                self.kept["bleu", step] = self.bleu(step)
+        if step == self.total:
+            self.kept["whole"] = fsdp.gather(self.params)
+
     def evaluate(self, step: int) -> dict:
+        if ("eval", step) in self.kept:
+            return self.kept["eval", step]
         return evaluate(self.plain, self.eval_rows, self.cfg.task, self.pad_id, self.cfg.batch_size)
 
-    def bleu(self) -> float:
+    def bleu(self, step: int) -> float:
         """BLEU of greedy/beam generations for the eval prompts against all their references."""
+        if ("bleu", step) in self.kept:
+            return self.kept["bleu", step]
         was_training = self.plain.training
         self.plain.eval()
         score = bleu(self.plain, self.tokenizer, self.eval_examples, max_new_tokens=self.cfg.max_length,
@@ -238,14 +261,15 @@ class Trainer:
         if self.eval_rows:
             result.update(self.evaluate(self.total))
             if cfg.eval_bleu:
-                result["eval_bleu"] = self.bleu()
+                result["eval_bleu"] = self.bleu(self.total)
         if cfg.full_finetune:
             self.plain.save_pretrained(out / "model")
             self.tokenizer.save_pretrained(out / "model")
         elif self.adapt is not None:
             self.plain.save_pretrained(out / "adapter")
         else:
-            result["adapter"] = str(save(self.plain, out / "adapter.safetensors", base_model=self.base))
+            with fsdp.whole(self.plain, self.kept.get("whole", {})):  # the sharded tensors gathered (FSDP)
+                result["adapter"] = str(save(self.plain, out / "adapter.safetensors", base_model=self.base))
             result["adapter_bytes"] = (out / "adapter.safetensors").stat().st_size
         return result
 
