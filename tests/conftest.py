@@ -1,6 +1,9 @@
 """Shared test fixtures: tiny models saved as ordinary transformers folders (no downloads)."""
 
 import contextlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,6 +22,25 @@ def _save_tiny(folder):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
     return folder
+
+
+def launch_two(command: str, args: list[str]):
+    """`accelerate launch --multi_gpu --num_processes 2 -m lorakit.cli COMMAND ARGS` (gloo DDP on a CPU machine)."""
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "-m", "lorakit.cli", command, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def assert_same_adapter(path_a, path_b):
+    """The two adapter files hold the same tensors, to float32 rounding."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(path_a)), load_file(str(path_b))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= 1e-5 * max(1.0, a[k].abs().max().item()), k
+    return a
 
 
 @pytest.fixture

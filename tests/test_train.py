@@ -1,21 +1,17 @@
 """`lorakit train`: outputs, model card, exact resume, 2-process DDP == 1 process, classification."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import yaml
 from safetensors.torch import load_file
 
 from lorakit import LoraError
-from lorakit.llm import train as trainmod
 from lorakit.cli import main
 from lorakit.llm.train import TrainConfig, train
 from lorakit.options import build
 
-from conftest import killed_at
+from conftest import assert_same_adapter, killed_at, launch_two
 
 
 @pytest.fixture
@@ -67,14 +63,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(setup):
     args = ["--model", one.model, "--data", one.data, "--out", str(setup / "two"), "--targets", "all-linear",
             "--r", "4", "--alpha", "8", "--lr", "0.01", "--max-steps", "12", "--batch-size", "2",
             "--dropout", "0", "--seed", "3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                           "-m", "lorakit.cli", "train", *args], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a = load_file(str(setup / "one" / "adapter.safetensors"))
-    b = load_file(str(setup / "two" / "adapter.safetensors"))
-    for k in a:
-        assert (a[k] - b[k]).abs().max() <= 1e-5 * max(1.0, a[k].abs().max().item()), k
+    launch_two("train", args)
+    assert_same_adapter(setup / "one" / "adapter.safetensors", setup / "two" / "adapter.safetensors")
 
 
 def test_classification_trains_the_head_and_reports_accuracy(setup):

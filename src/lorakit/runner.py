@@ -32,7 +32,8 @@ def run(trainer) -> dict:
 
     The trainer has: acc (accelerate), out (run folder), total (steps), params (name -> trained tensor), opt, sched,
     resume, save_every, keep, eval_every; begin(start) -> dict, step(k) -> dict, evaluate(k) -> dict,
-    checkpointed(k), finish(result) -> dict and card(result) -> (front matter, body)."""
+    checkpointed(k), finish(result) -> dict and card(result) -> (front matter, body, settings). Every process runs
+    every named step (a sharded model's forward needs them all); files are written by the main process only."""
     from tqdm.auto import tqdm
 
     acc, out = trainer.acc, Path(trainer.out)
@@ -50,9 +51,9 @@ def run(trainer) -> dict:
         record = {"step": step + 1, **trainer.step(step)}
         step_times.append(time.time() - t0)
         record["step_s"] = step_times[-1]
+        if trainer.eval_every and (step + 1) % trainer.eval_every == 0:
+            record.update(trainer.evaluate(step + 1))
         if acc.is_main_process:
-            if trainer.eval_every and (step + 1) % trainer.eval_every == 0:
-                record.update(trainer.evaluate(step + 1))
             append_metrics(out, record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
         bar.update(1)
@@ -63,10 +64,10 @@ def run(trainer) -> dict:
 
     warm = sorted(step_times[1:] or step_times)  # the first step pays one-off costs
     result = {"steps": trainer.total, **result, "seconds_per_step": warm[len(warm) // 2] if warm else None}
+    history = read_metrics(out) if acc.is_main_process else []
+    result["final_loss"] = history[-1]["loss"] if history else None
+    result = trainer.finish(result)
     if acc.is_main_process:
-        history = read_metrics(out)
-        result["final_loss"] = history[-1]["loss"] if history else None
-        result = trainer.finish(result)
         plot_loss(history, out / "loss.png")
         write_card(out, *trainer.card(result))
     acc.wait_for_everyone()

@@ -127,7 +127,7 @@ class Trainer:
         # a multi-process launch on a machine without GPUs runs DDP on the CPU (gloo)
         on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
         self.acc = acc = Accelerator(cpu=on_cpu)  # bf16 is plain autocast, so runs in one process may differ in precision
-        self.fsdp, self.kept = fsdp.setup(acc, cfg, adapt, on_cpu), {}  # kept: see together()
+        self.fsdp = fsdp.setup(acc, cfg, adapt, on_cpu)
         self.cfg, self.adapt, self.out = cfg, adapt, Path(cfg.out)
         self.resume, self.save_every, self.keep = cfg.resume, cfg.save_every, cfg.keep
         torch.manual_seed(cfg.seed)
@@ -179,23 +179,22 @@ class Trainer:
 
     def begin(self, start: int) -> dict:
         """Say what trains; evaluate the untouched model once (a fresh run); returns those "before" metrics."""
-        cfg = self.cfg
+        cfg, main = self.cfg, self.acc.is_main_process
         if self.fsdp:
             print(f"FSDP: process {self.acc.process_index} holds {fsdp.local_numel(self.plain):,} of "
                   f"{self.n_total:,} parameters", flush=True)
-            self.together(0)
-        if not self.acc.is_main_process:
-            return {}
-        print(f"{self.n_trainable:,} of {self.n_total:,} params trainable" if cfg.full_finetune or self.adapt
-              else summary(self.plain))
-        if self.skipped:
-            print(f"skipped {self.skipped} bad lines in {cfg.data}")
+        if main:
+            print(f"{self.n_trainable:,} of {self.n_total:,} params trainable" if cfg.full_finetune or self.adapt
+                  else summary(self.plain))
+            if self.skipped:
+                print(f"skipped {self.skipped} bad lines in {cfg.data}")
         before = {}
         if self.eval_rows and not start:
             before = {f"{k}_before": v for k, v in self.evaluate(0).items()}
             if cfg.eval_bleu:
-                before["eval_bleu_before"] = self.bleu(0)
-            print("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
+                before["eval_bleu_before"] = self.bleu()
+            if main:
+                print("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
         return {"trainable_params": self.n_trainable, "total_params": self.n_total, "skipped": self.skipped, **before}
 
     def step(self, step: int) -> dict:
@@ -221,30 +220,14 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        if self.fsdp:
-            self.together(step + 1)
         return {"loss": acc.reduce(torch.tensor(running), "sum").item() / max(count, 1),
                 "lr": self.sched.get_last_lr()[0], "tokens_per_s": self.tokens * world / max(time.time() - self.t0, 1e-9)}
 
-    def together(self, step: int):
-        """Under FSDP, what the main process will ask for after `step` steps, computed now by every process (a sharded
-        model's forward, and gathering its tensors whole, need them all): evaluations, BLEU, the trained tensors."""
-        if self.eval_rows and (step in (0, self.total) or self.eval_every and step % self.eval_every == 0):
-            self.kept["eval", step] = self.evaluate(step)
-            if self.cfg.eval_bleu and step in (0, self.total):
-                self.kept["bleu", step] = self.bleu(step)
-        if step == self.total:
-            self.kept["whole"] = fsdp.gather(self.params)
-
     def evaluate(self, step: int) -> dict:
-        if ("eval", step) in self.kept:
-            return self.kept["eval", step]
         return evaluate(self.plain, self.eval_rows, self.cfg.task, self.pad_id, self.cfg.batch_size)
 
-    def bleu(self, step: int) -> float:
+    def bleu(self) -> float:
         """BLEU of greedy/beam generations for the eval prompts against all their references."""
-        if ("bleu", step) in self.kept:
-            return self.kept["bleu", step]
         was_training = self.plain.training
         self.plain.eval()
         score = bleu(self.plain, self.tokenizer, self.eval_examples, max_new_tokens=self.cfg.max_length,
@@ -256,19 +239,22 @@ class Trainer:
         pass
 
     def finish(self, result: dict) -> dict:
-        """Final evaluation, then the adapter (or model) into the run folder."""
+        """Final evaluation, then the adapter (or model) into the run folder, by the main process."""
         cfg, out = self.cfg, self.out
         if self.eval_rows:
             result.update(self.evaluate(self.total))
             if cfg.eval_bleu:
-                result["eval_bleu"] = self.bleu(self.total)
+                result["eval_bleu"] = self.bleu()
+        whole = fsdp.gather(self.params) if self.fsdp else {}  # sharded tensors gathered by every process
+        if not self.acc.is_main_process:
+            return result
         if cfg.full_finetune:
             self.plain.save_pretrained(out / "model")
             self.tokenizer.save_pretrained(out / "model")
         elif self.adapt is not None:
             self.plain.save_pretrained(out / "adapter")
         else:
-            with fsdp.whole(self.plain, self.kept.get("whole", {})):  # the sharded tensors gathered (FSDP)
+            with fsdp.whole(self.plain, whole):
                 result["adapter"] = str(save(self.plain, out / "adapter.safetensors", base_model=self.base))
             result["adapter_bytes"] = (out / "adapter.safetensors").stat().st_size
         return result
