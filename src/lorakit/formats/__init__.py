@@ -1,1 +1,2 @@
-"""One module per file format; each only maps keys and scales onto the canonical Adapter."""
+"""Adapters as files: the canonical Adapter (adapter.py), reading and writing (io.py), learned token embeddings
+(embeddings.py), and one module per external format that only maps keys and scales onto the canonical form."""
