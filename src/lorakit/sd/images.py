@@ -49,21 +49,31 @@ def read_folder(folder, prompt: str | None = None) -> list[tuple[Path, str]]:
 
 def load_image(path: Path, resolution: int, center_crop: bool = True) -> torch.Tensor:
     """The image as a (3, resolution, resolution) tensor in [-1, 1]: shorter side resized, then cropped."""
+    return load_cropped(path, resolution, center_crop)[0]
+
+
+def load_cropped(path: Path, resolution: int, center_crop: bool = True,
+                 flip: bool = False) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """(image as load_image gives it, mirrored if `flip`; (original height, width, crop top, crop left)), the
+    crop's corner in the resized (and mirrored) image: what SDXL's micro-conditioning time ids record."""
     from PIL import Image
 
     try:
         img = Image.open(path).convert("RGB")
     except OSError as e:
         raise LoraError(f"{path}: not a readable image ({e})") from None
-    w, h = img.size
-    s = resolution / min(w, h)
-    img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+    w0, h0 = img.size
+    s = resolution / min(w0, h0)
+    img = img.resize((max(resolution, round(w0 * s)), max(resolution, round(h0 * s))), Image.BICUBIC)
     w, h = img.size
     left = (w - resolution) // 2 if center_crop else random.randint(0, w - resolution)
     top = (h - resolution) // 2 if center_crop else random.randint(0, h - resolution)
     img = img.crop((left, top, left + resolution, top + resolution))
     t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(resolution, resolution, 3)
-    return t.permute(2, 0, 1).float() / 127.5 - 1
+    t = t.permute(2, 0, 1).float() / 127.5 - 1
+    if flip:  # the same crop, seen in the mirrored image
+        t, left = t.flip(-1), w - resolution - left
+    return t, (h0, w0, top, left)
 
 
 def grid(images: list, cols: int | None = None):

@@ -26,7 +26,7 @@ from lorakit.formats.io import atomic_write, write
 from lorakit.sd import images as imagelib
 from lorakit.sd.diffusion import denoising_loss, draw
 from lorakit.sd.generate import generate
-from lorakit.sd.pipeline import encode_prompts, load_pipeline
+from lorakit.sd.pipeline import encode_prompts, is_sdxl, load_pipeline, text_encoders
 
 UNET_TARGETS = {"default": ["to_q", "to_k", "to_v", "to_out.0"],  # diffusers' SD 1.x scripts
                 "cross-attn": ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"],  # the paper/blog's choice
@@ -87,10 +87,11 @@ class SDTrainConfig:
 
 
 class Images:
-    """The training images as VAE latent distributions (mean, std), computed once per image and flip when cached."""
+    """The training images as VAE latent distributions (mean, std), computed once per image and flip when cached,
+    and each one's last crop (original h, w, crop top, left), which SDXL's time ids condition on."""
 
     def __init__(self, pipe, pairs: list[tuple[Path, str]], cfg: SDTrainConfig):
-        self.pipe, self.pairs, self.cfg, self.cache = pipe, pairs, cfg, {}
+        self.pipe, self.pairs, self.cfg, self.cache, self.crops = pipe, pairs, cfg, {}, {}
 
     def latents(self, i: int, flip: bool, g: torch.Generator) -> torch.Tensor:
         """A sample of image i's latent distribution (flipped), scaled as the UNet expects."""
@@ -100,8 +101,8 @@ class Images:
     @torch.no_grad()
     def encode(self, i: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) of image i's VAE latent distribution, kept when latents are cached."""
-        x = imagelib.load_image(self.pairs[i][0], self.cfg.resolution, self.cfg.center_crop)
-        x = x.flip(-1) if flip else x
+        x, self.crops[(i, flip)] = imagelib.load_cropped(self.pairs[i][0], self.cfg.resolution, self.cfg.center_crop,
+                                                         flip)
         vae = self.pipe.vae
         dist = vae.encode(x[None].to(vae.device, vae.dtype)).latent_dist
         stats = (dist.mean[0], dist.std[0])
@@ -190,8 +191,13 @@ class Trainer:
         self.pipe = pipe = load_pipeline(cfg.model, acc.device)
         self.noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
         unet, text, vae = pipe.unet, pipe.text_encoder, pipe.vae
-        for m in (unet, text, vae):
+        texts = text_encoders(pipe)  # SDXL: text_encoder and text_encoder_2, trained alike
+        for m in (unet, vae, *texts):
             m.requires_grad_(False)
+        if cfg.mode == "pivotal" and is_sdxl(pipe):
+            raise LoraError("pivotal tuning is not supported on SDXL pipelines (its new tokens would need rows in both "
+                            "text encoders, which lorakit's adapter files do not hold); use mode text2image or "
+                            "dreambooth with a rare-token instance prompt")
 
         prompt = cfg.instance_prompt if cfg.mode != "text2image" else None
         if cfg.mode != "text2image" and not prompt:
@@ -211,15 +217,18 @@ class Trainer:
             unet.requires_grad_(True)
             groups.append({"params": list(unet.parameters()), "lr": cfg.lr})
             if cfg.text_encoder:
-                text.requires_grad_(True)
-                groups.append({"params": list(text.parameters()), "lr": cfg.text_lr})
+                for enc in texts:
+                    enc.requires_grad_(True)
+                groups.append({"params": [p for enc in texts for p in enc.parameters()], "lr": cfg.text_lr})
         else:
             inject(unet, replace(cfg.lora, targets=unet_targets(cfg.lora.targets)))
             self.lora_params = [p for p in unet.parameters() if p.requires_grad]
             groups.append({"params": self.lora_params, "lr": cfg.lr})
             if cfg.text_encoder:
-                inject(text, replace(cfg.lora, targets=TEXT_TARGETS, exclude=None, rank_pattern={}, alpha_pattern={}))
-                text_params = [p for p in text.parameters() if p.requires_grad]
+                text_lora = replace(cfg.lora, targets=TEXT_TARGETS, exclude=None, rank_pattern={}, alpha_pattern={})
+                for enc in texts:
+                    inject(enc, text_lora)
+                text_params = [p for enc in texts for p in enc.parameters() if p.requires_grad]
                 self.lora_params = self.lora_params + text_params
                 groups.append({"params": text_params, "lr": cfg.text_lr})
         self.embedding = text.get_input_embeddings().weight if self.token_ids else None
@@ -249,7 +258,8 @@ class Trainer:
         self.n_trainable = sum(p.numel() for grp in groups for p in grp["params"])
         self.train_text = cfg.text_encoder or bool(self.token_ids)
         unet.train()
-        text.train(self.train_text)
+        for enc in texts:
+            enc.train(self.train_text)
 
     def begin(self, start: int) -> dict:
         if self.acc.is_main_process:
@@ -268,16 +278,19 @@ class Trainer:
         flips = [cfg.random_flip and bool(torch.rand((), generator=g) < 0.5) for _ in idx]
         latents = [self.data.latents(i, f, g) for i, f in zip(idx, flips)]
         captions = [self.pairs[i][1] for i in idx]
+        crops = [self.data.crops[(i, f)] for i, f in zip(idx, flips)]
         if self.class_data:
             cidx = runner.step_indices(len(self.prior), cfg.seed + 1, step, n)
             latents += [self.class_data.latents(i, False, g) for i in cidx]
             captions += [self.prior[i][1] for i in cidx]
+            crops += [self.class_data.crops[(i, False)] for i in cidx]
         latents = torch.stack(latents)
         noise, t = draw(self.noise_sched, latents, g, cfg.noise_offset)
         mine = [k for k in range(len(latents)) if (k % n) // cfg.batch_size == rank]  # own instance (and class) rows
         with torch.autocast(acc.device.type, self.dtype or torch.float32, enabled=self.dtype is not None):
             with contextlib.nullcontext() if self.train_text else torch.no_grad():
-                hidden, cond = encode_prompts(pipe, [captions[k] for k in mine])
+                hidden, cond = encode_prompts(pipe, [captions[k] for k in mine], [crops[k] for k in mine],
+                                              cfg.resolution)
             losses = denoising_loss(pipe.unet, self.noise_sched, latents[mine], hidden, noise[mine], t[mine],
                                     cfg.snr_gamma, cond)
         b = cfg.batch_size
