@@ -322,8 +322,11 @@ class Trainer:
             samples(self.pipe, self.cfg, self.out, step)
 
     def finish(self, result: dict) -> dict:
-        """The adapter (and its exports) or the whole pipeline into the run folder, and a last sample grid."""
+        """The adapter (and its exports) or the whole pipeline into the run folder, and a last sample grid, by the
+        main process."""
         cfg, out, pipe = self.cfg, self.out, self.pipe
+        if not self.acc.is_main_process:
+            return result
         if cfg.full_finetune:
             pipe.save_pretrained(out / "pipeline")
         else:
