@@ -21,7 +21,6 @@ Writes bench/results/combine-error.md and bench/results/combine-error.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import time

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from lorakit import options, runner
 from lorakit.core.config import LoraConfig
-from lorakit.core.errors import LoraError
 from lorakit.core.model import inject, summary
 from lorakit.core.targeting import classifier_head
 from lorakit.formats.io import save
