@@ -99,6 +99,8 @@ def test_a_missing_config_file_and_a_bad_flag_in_a_real_process(tmp_path):
 def test_python_configs_are_converted_and_checked_too():
     assert TrainConfig(lr="1e-4", max_steps="5").lr == 1e-4
     assert options.build(TrainConfig, r=4, targets="q_proj,v_proj").lora.targets == ["q_proj", "v_proj"]
+    assert options.build(TrainConfig, targets="q_proj").lora.targets == ["q_proj"]  # a name, as --targets q_proj
+    assert options.build(TrainConfig, targets=r".*\.q_proj").lora.targets == r".*\.q_proj"  # a pattern stays one
     with pytest.raises(LoraError, match="TrainConfig.precision: expected one of 'fp32', 'bf16', got 'fp64'"):
         TrainConfig(precision="fp64")
     with pytest.raises(LoraError, match="SDTrainConfig.lora: expected a LoraConfig"):

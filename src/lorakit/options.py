@@ -72,10 +72,9 @@ def read_yaml(path: str, cls) -> dict:
     values = {} if values is None else values
     if not isinstance(values, dict):
         raise LoraError(f"{path} holds a {type(values).__name__}; a config is a mapping of keys to values (lr: 1e-4)")
-    flat = {}
+    flat, nested = {}, {f.name for f in dataclasses.fields(cls)} - set(fields(cls))  # e.g. lora
     for key, value in values.items():
         key = str(key).replace("-", "_")
-        nested = {f.name for f in dataclasses.fields(cls) if dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name])}
         if key in nested and isinstance(value, dict):
             flat.update({str(k).replace("-", "_"): v for k, v in value.items()})
         else:
@@ -115,7 +114,7 @@ def names(value):
         return value
     items = [x.strip() for v in ([value] if isinstance(value, str) else value) for x in v.split(",") if x.strip()]
     one = len(items) == 1 and (items[0] == "all-linear" or re.search(r"[\\.*+?()\[\]|^$]", items[0]))
-    return items[0] if one or (isinstance(value, str) and len(items) == 1) else items
+    return items[0] if one else items
 
 
 def convert(value, tp, name: str):
