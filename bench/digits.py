@@ -62,9 +62,9 @@ def new_data(digit: int, args) -> Path:
 
 def train_new(digit: int, args, name: str, **kw) -> Path:
     """A Dreambooth LoRA for `digit` on the digits pipeline; returns the adapter file."""
+    from lorakit.options import build
     from lorakit.sd import digits
     from lorakit.sd.train import SDTrainConfig, train_sd
-    from lorakit.options import build
 
     cfg = build(SDTrainConfig, model="digits", mode="dreambooth", data=str(new_data(digit, args)), out=str(WORK / name),
                         instance_prompt=digits.caption(digit), resolution=digits.RESOLUTION, batch_size=4,
@@ -224,8 +224,8 @@ def evaluate(setup: Setup, args, clf, grid_path: Path | None = None) -> dict[int
 def stacked(adapters: dict, weights: dict[str, float] | None = None, guard: str | None = None):
     """A fresh digits pipeline with these canonical adapters (name -> Adapter) on, active at `weights` (default 1)."""
     import lorakit
-    from lorakit.formats.adapter import apply
     from lorakit.core.components import as_module
+    from lorakit.formats.adapter import apply
     from lorakit.sd.pipeline import load_pipeline
 
     pipe = load_pipeline("digits")
@@ -326,9 +326,9 @@ def token_scoped(adapters: dict, digit_of: dict[str, int]) -> Setup:
     import torch
 
     import lorakit
-    from lorakit.sd import digits
-    from lorakit.core.model import lora_modules
     from lorakit.core.components import as_module
+    from lorakit.core.model import lora_modules
+    from lorakit.sd import digits
 
     kv = {n: only(a, lambda p: bool(KV.search(p))) for n, a in adapters.items()}
     pipe = stacked(kv)
@@ -373,9 +373,9 @@ def measure_guard(args, clf) -> dict:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from lorakit.sd import digits
     from lorakit.algebra import combine
     from lorakit.formats.io import read
+    from lorakit.sd import digits
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()

@@ -80,10 +80,10 @@ def run_one(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    from lorakit.formats.io import load
     from lorakit.llm import data as datalib
     from lorakit.llm import pretrained
     from lorakit.llm.generate import bleu
-    from lorakit.formats.io import load
     from lorakit.llm.train import TrainConfig, train
     from lorakit.options import build
 

@@ -105,8 +105,8 @@ def phi_summary(result: dict) -> dict:
 def svd_form(a):
     """The same adapter with each module refactored as B = U, A = S·Vᵀ (U S Vᵀ = ΔW/s): φ of these A's compares ΔW's
     own right-singular vectors. φ of the trained A's is not invariant to B·A = (B·Q⁻¹)(Q·A); this is."""
-    from lorakit.formats.adapter import Adapter, ModuleLora
     from lorakit.algebra import lowrank_svd
+    from lorakit.formats.adapter import Adapter, ModuleLora
 
     out = {}
     for p, m in a.modules.items():
@@ -207,8 +207,7 @@ def main(argv=None):
         (work / f"r{r}" / "result.json").write_text(json.dumps(runs[r], indent=2) + "\n")  # now with peak RSS
         print(f"r={r}: final loss {runs[r]['final_loss']:.4f}, {runs[r]['train_wall_s'] / 60:.1f} min", flush=True)
 
-    from lorakit import read
-    from lorakit import analysis
+    from lorakit import analysis, read
     from lorakit.llm import pretrained
 
     base = pretrained.load("smollm2-135m")[0]

@@ -113,8 +113,8 @@ def base_counts() -> dict:
     """Parameters of the plain classification model and of its head, counted once in the parent."""
     import torch
 
-    from lorakit.llm import pretrained
     from lorakit.core.targeting import classifier_head
+    from lorakit.llm import pretrained
 
     torch.manual_seed(0)
     model, _, _ = pretrained.load("minilm-l6", "classify", num_labels=2)

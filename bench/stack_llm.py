@@ -198,8 +198,8 @@ def update_norms(model) -> dict[str, float]:
 def stack(model, name: str, files: dict[str, str], density: float):
     """Make `model` compute configuration `name`; returns the name of a temporary adapter to delete after, or None."""
     from lorakit import set_weights
-    from lorakit.formats.adapter import apply
     from lorakit.algebra import combine
+    from lorakit.formats.adapter import apply
     from lorakit.formats.io import read
 
     if name == "base":
@@ -230,8 +230,8 @@ def score_all(args, adapters: dict[str, dict]) -> list[dict]:
     import torch
 
     torch.set_num_threads(args.threads)
-    from lorakit.llm import data as datalib
     from lorakit import delete, load
+    from lorakit.llm import data as datalib
     from lorakit.llm import pretrained
     from lorakit.llm.generate import complete
 

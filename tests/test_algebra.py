@@ -21,9 +21,9 @@ from transformers.pytorch_utils import Conv1D
 
 import lorakit
 from lorakit import Adapter, LoraConfig, LoraError, ModuleLora
-from lorakit.formats.adapter import apply, from_model
 from lorakit.algebra import Part, combine, extract, guard, resize
 from lorakit.core.config import scale
+from lorakit.formats.adapter import apply, from_model
 
 F64 = torch.float64
 

@@ -9,10 +9,10 @@ from torch import nn
 
 import lorakit
 from lorakit import LoraConfig
-from lorakit.llm import pretrained
-from lorakit.formats.adapter import Adapter, ModuleLora
 from lorakit.analysis import analyze, phi, spectrum
 from lorakit.cli import main
+from lorakit.formats.adapter import Adapter, ModuleLora
+from lorakit.llm import pretrained
 
 
 def orthonormal(n, k, seed=0):

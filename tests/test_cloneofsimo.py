@@ -9,13 +9,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from lorakit.core.components import as_module
+from lorakit.core.errors import LoraError
 from lorakit.formats import adapter as canonical
-from lorakit.formats import io
+from lorakit.formats import cloneofsimo, io, native
 from lorakit.formats.adapter import Adapter, ModuleLora
 from lorakit.formats.embeddings import add_tokens
-from lorakit.core.errors import LoraError
-from lorakit.formats import cloneofsimo, native
-from lorakit.core.components import as_module
 
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 

@@ -13,12 +13,11 @@ import pytest
 from accelerate.utils import DistributedType
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_train import config, setup  # noqa: F401  (the fixture)
 
 from lorakit import LoraError
 from lorakit.llm import fsdp
 from lorakit.llm.train import train
-
-from test_train import config, setup  # noqa: F401  (the fixture)
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "fsdp.yaml"
 

@@ -5,8 +5,8 @@ import copy
 import torch
 
 import lorakit
-from lorakit.llm import pretrained
 from lorakit.cli import main
+from lorakit.llm import pretrained
 from lorakit.llm.generate import complete, load_model, parse_adapter
 
 

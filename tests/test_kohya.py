@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 
 import lorakit
 from lorakit import LoraConfig, LoraError, ModuleLora
-from lorakit.formats.adapter import Adapter, from_model
 from lorakit.core.components import as_module
+from lorakit.formats.adapter import Adapter, from_model
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "down_blocks.1.resnets.0.conv1",
            "q_proj", "k_proj", "v_proj", "out_proj"]

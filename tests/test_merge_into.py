@@ -41,8 +41,8 @@ def test_merge_into_writes_a_plain_model_equal_to_base_plus_adapters(tmp_path, s
 
 
 def test_merge_into_refuses_nan_and_an_existing_folder_and_writes_nothing(tmp_path, save_tiny, capsys):
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     folder = save_tiny(tmp_path / "base")
     a = adapter_file(folder, tmp_path / "a.safetensors")

@@ -4,14 +4,13 @@ import json
 
 import pytest
 import yaml
+from conftest import assert_same_adapter, killed_at, launch_two
 from safetensors.torch import load_file
 
 from lorakit import LoraError
 from lorakit.cli import main
 from lorakit.llm.train import TrainConfig, train
 from lorakit.options import build
-
-from conftest import assert_same_adapter, killed_at, launch_two
 
 
 @pytest.fixture

@@ -8,16 +8,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import assert_same_adapter, killed_at, launch_two
 from PIL import Image
 
 import lorakit
 from lorakit import LoraError
-from lorakit.sd.generate import load_pipeline, parse_tags
-from lorakit.sd.train import SDTrainConfig, train_sd
 from lorakit.options import build
+from lorakit.sd.generate import load_pipeline, parse_tags
 from lorakit.sd.pipeline import load_pipeline as load_base
-
-from conftest import assert_same_adapter, killed_at, launch_two
+from lorakit.sd.train import SDTrainConfig, train_sd
 
 
 @pytest.fixture

@@ -9,16 +9,15 @@
     lorakit.combine([(lorakit.read(f1)[0], 1.0), (lorakit.read(f2)[0], -0.5)], method="cat")  # and resize, extract
 """
 
-from lorakit.formats.adapter import Adapter, ModuleLora
 from lorakit.algebra import combine, extract, resize
 from lorakit.analysis import analyze
 from lorakit.core.config import LoraConfig
 from lorakit.core.errors import LoraError
-from lorakit.formats.io import load, read, save
 from lorakit.core.layers import LoraLayer, SavedModule
+from lorakit.core.model import active, adapters, delete, disabled, inject, merge, set_weights, summary, unload, unmerge
+from lorakit.formats.adapter import Adapter, ModuleLora
+from lorakit.formats.io import load, read, save
 from lorakit.merged import merge_into
-from lorakit.core.model import (active, adapters, delete, disabled, inject, merge, set_weights, summary, unload,
-                    unmerge)
 
 __version__ = "0.1.0"
 

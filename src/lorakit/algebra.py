@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorakit.formats.adapter import Adapter, ModuleLora
+from lorakit.core.components import as_module
 from lorakit.core.config import scale
 from lorakit.core.errors import LoraError, warn
 from lorakit.core.guard import GUARDS, Part, guard, lowrank_svd
 from lorakit.core.layers import delta, kind_of
-from lorakit.core.components import as_module
 from lorakit.core.targeting import find_targets, plain_modules
+from lorakit.formats.adapter import Adapter, ModuleLora
 
 METHODS = ("cat", "svd", "linear", "ties", "dare", "ties-svd", "dare-svd")
 DYNAMIC = ("energy", "fro", "ratio", "cumulative")

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from lorakit.formats.adapter import Adapter, resolve_paths
 from lorakit.algebra import choose_rank, lowrank_svd, oriented, svd
 from lorakit.core.config import scale
 from lorakit.core.errors import LoraError
 from lorakit.core.layers import delta
+from lorakit.formats.adapter import Adapter, resolve_paths
 
 
 def spectrum(s: torch.Tensor) -> dict:

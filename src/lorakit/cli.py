@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 from lorakit import options
+from lorakit.algebra import METHODS
 from lorakit.core.config import scale
 from lorakit.core.errors import LoraError
-from lorakit.algebra import METHODS
 from lorakit.core.guard import GUARDS
 from lorakit.formats.io import FORMATS, atomic_write, convert, read, write
 

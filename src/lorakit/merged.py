@@ -9,8 +9,8 @@ import tempfile
 from pathlib import Path
 
 from lorakit.core.errors import LoraError, warn
-from lorakit.formats.io import load
 from lorakit.core.model import merge, set_weights, unload
+from lorakit.formats.io import load
 
 
 def load_base(spec: str, tokenizer: bool = True):

@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lorakit.core.components import accepts_pipeline, as_module, is_pipeline_view
 from lorakit.core.config import LoraConfig, scale
 from lorakit.core.errors import LoraError
-from lorakit.core.guard import GUARDS, Part, guard as guarded
+from lorakit.core.guard import GUARDS, Part
+from lorakit.core.guard import guard as guarded
 from lorakit.core.layers import LoraLayer, SavedModule, fresh_copy, is_lora, swap_in, swap_out
-from lorakit.core.components import accepts_pipeline, as_module, is_pipeline_view
 from lorakit.core.targeting import check_patterns, closest, find_targets, matches, plain_modules
 
 

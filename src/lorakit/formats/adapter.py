@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lorakit.core.components import component_of, is_pipeline_view, split_component
 from lorakit.core.config import LoraConfig
 from lorakit.core.errors import LoraError, warn
 from lorakit.core.layers import LoraLayer, SavedModule, factor_shapes, kind_of
-from lorakit.core.model import adapter_biases, add_adapter, adapter_infos, check_name, lora_modules
-from lorakit.core.components import component_of, is_pipeline_view, split_component
+from lorakit.core.model import adapter_biases, adapter_infos, add_adapter, check_name, lora_modules
 from lorakit.core.targeting import closest, plain_modules
 
 

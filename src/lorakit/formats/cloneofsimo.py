@@ -18,11 +18,11 @@ import re
 
 from torch import nn
 
-from lorakit.formats.adapter import Adapter, ModuleLora
+from lorakit.core.components import component_of, is_pipeline_view
 from lorakit.core.errors import LoraError, warn
 from lorakit.core.layers import is_lora
-from lorakit.core.components import component_of, is_pipeline_view
 from lorakit.core.targeting import plain_modules
+from lorakit.formats.adapter import Adapter, ModuleLora
 
 LOOKS = "unet:0:up / text_encoder:0:down keys"
 EMBED_FLAG = "<embed>"

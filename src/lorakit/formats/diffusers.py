@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import re
 
-from lorakit.formats.adapter import Adapter, ModuleLora
+from lorakit.core.components import COMPONENTS, split_component
 from lorakit.core.config import pattern_key
 from lorakit.core.errors import LoraError
-from lorakit.core.components import COMPONENTS, split_component
+from lorakit.formats.adapter import Adapter, ModuleLora
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"

@@ -14,12 +14,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lorakit.formats import adapter as canonical
-from lorakit.formats.embeddings import add_tokens, check_embeddings
-from lorakit.core.errors import LoraError, warn
-from lorakit.formats import cloneofsimo, diffusers, kohya, loralib, lycoris, native, peft
-from lorakit.core.model import active, adapter_infos, adapters
 from lorakit.core.components import as_module, component_of, is_pipeline_view
+from lorakit.core.errors import LoraError, warn
+from lorakit.core.model import active, adapter_infos, adapters
+from lorakit.formats import adapter as canonical
+from lorakit.formats import cloneofsimo, diffusers, kohya, loralib, lycoris, native, peft
+from lorakit.formats.embeddings import add_tokens, check_embeddings
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 FORMATS = ("lorakit", "peft", "diffusers", "kohya")

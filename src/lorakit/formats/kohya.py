@@ -21,9 +21,9 @@ import time
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from lorakit.formats.adapter import Adapter, ModuleLora
-from lorakit.core.errors import LoraError
 from lorakit.core.components import split_component
+from lorakit.core.errors import LoraError
+from lorakit.formats.adapter import Adapter, ModuleLora
 
 LOOKS = "lora_unet_… / lora_te_… keys with .lora_down/.lora_up/.alpha"
 PREFIXES = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from lorakit.formats.adapter import Adapter, ModuleLora
 from lorakit.core.errors import LoraError, warn
+from lorakit.formats.adapter import Adapter, ModuleLora
 
 DEFAULT_ALPHA = 1.0
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from lorakit.formats.adapter import Adapter, ModuleLora
 from lorakit.core.errors import LoraError, warn
 from lorakit.formats import kohya
+from lorakit.formats.adapter import Adapter, ModuleLora
 
 LOOKS = "LyCORIS hada_/lokr_ keys"
 LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 
-from lorakit.formats.adapter import Adapter, ModuleLora
 from lorakit.core.config import LoraConfig
 from lorakit.core.errors import LoraError
+from lorakit.formats.adapter import Adapter, ModuleLora
 
 FORMAT_VERSION = "1"
 

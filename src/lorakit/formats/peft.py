@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import re
 
-from lorakit.formats.adapter import Adapter, ModuleLora
 from lorakit.core.config import LoraConfig, pattern_key
 from lorakit.core.errors import LoraError
 from lorakit.core.targeting import matches
+from lorakit.formats.adapter import Adapter, ModuleLora
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"

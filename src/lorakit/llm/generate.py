@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from lorakit.llm import pretrained
 from lorakit.core.errors import LoraError
-from lorakit.formats.io import base_model, load, parse_adapter
 from lorakit.core.model import merge as merge_adapters
 from lorakit.core.model import set_weights
+from lorakit.formats.io import base_model, load, parse_adapter
+from lorakit.llm import pretrained
 
 
 def load_model(model: str | None, adapters: list[str], merge: bool = False, guard: str | None = None):

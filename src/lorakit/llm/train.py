@@ -26,9 +26,9 @@ from lorakit.core.model import inject, summary
 from lorakit.core.targeting import classifier_head
 from lorakit.formats.io import save
 from lorakit.llm import data as datalib
-from lorakit.llm import fsdp
-from lorakit.llm import pretrained
+from lorakit.llm import fsdp, pretrained
 from lorakit.llm.generate import bleu
+
 
 @dataclass
 class TrainConfig:

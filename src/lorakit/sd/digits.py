@@ -44,9 +44,8 @@ def split():
 
 def to_pil(img8):
     """An 8x8 digit (0..16, ink high) as a RESOLUTION x RESOLUTION RGB image, white ink on black."""
-    from PIL import Image
-
     import numpy as np
+    from PIL import Image
 
     g = Image.fromarray((np.asarray(img8) / 16 * 255).clip(0, 255).astype("uint8"), "L")
     return g.resize((RESOLUTION, RESOLUTION), Image.BILINEAR).convert("RGB")
@@ -54,9 +53,8 @@ def to_pil(img8):
 
 def from_pil(img):
     """A generated image back as the classifier's 64 features (8x8, 0..16)."""
-    from PIL import Image
-
     import numpy as np
+    from PIL import Image
 
     g = img.convert("L").resize((8, 8), Image.BILINEAR)
     return np.asarray(g, dtype="float64").reshape(-1) / 255 * 16

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
+from lorakit.core.components import as_module
 from lorakit.core.errors import LoraError
 from lorakit.core.guard import route
-from lorakit.formats.io import base_model, load, parse_adapter, read
 from lorakit.core.model import merge, set_weights
-from lorakit.core.components import as_module
+from lorakit.formats.io import base_model, load, parse_adapter, read
 from lorakit.sd.pipeline import load_pipeline as load_base
 
 TAG = re.compile(r"<lora:([^<>]*)>")
