@@ -70,3 +70,14 @@ def test_there_are_no_import_cycles():
         if node not in state:
             visit(node, [node])
     assert not cycles, cycles
+
+
+def test_the_readme_layout_table_matches_the_tree():
+    import re
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme[readme.index("## Layout"):readme.index("## Known limits")]
+    listed = set(re.findall(r"^\| `([\w/]+\.py)`", table, re.M))
+    listed |= {f"formats/{name}.py" for name in re.findall(r"`(\w+)`", table.split("one module per format")[1].split("|")[0])}
+    tree = {str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py") if p.name != "__init__.py"}
+    assert listed == tree, (sorted(tree - listed), sorted(listed - tree))
