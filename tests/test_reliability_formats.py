@@ -99,3 +99,75 @@ def test_damaged_lorakit_header_raises_lora_error(tmp_path, info):
     save_file(tensors, str(path), metadata=meta)
     with pytest.raises(LoraError, match="header is damaged"):
         lorakit.read(path)
+
+
+# --- 2. loralib checkpoints with fully trained tensors ---------------------------------------------
+def _roberta():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = RobertaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, max_position_embeddings=20, num_labels=3)
+    return RobertaForSequenceClassification(cfg).eval()
+
+
+IDS = torch.tensor([[0, 5, 9, 17, 2]])
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def _loralib_checkpoint(path):
+    """microsoft/LoRA's GLUE recipe: loralib query/value (r=4, alpha=8) on RoBERTa, the classifier trained in full;
+    torch.save(lora_state_dict + classifier). Returns the loralib model's logits."""
+    import loralib
+
+    model = _roberta()
+    torch.manual_seed(1)
+    for layer in model.roberta.encoder.layer:
+        for name in ("query", "value"):
+            old = getattr(layer.attention.self, name)
+            new = loralib.Linear(16, 16, r=4, lora_alpha=8, merge_weights=False)
+            new.load_state_dict({**old.state_dict(), "lora_A": torch.randn(4, 16), "lora_B": torch.randn(16, 4)})
+            setattr(layer.attention.self, name, new)
+    with torch.no_grad():
+        for p in model.classifier.parameters():
+            p.add_(torch.randn_like(p))
+    sd = {**loralib.lora_state_dict(model), **{f"classifier.{k}": v for k, v in model.classifier.state_dict().items()}}
+    assert sorted(sd)[:2] == ["classifier.dense.bias", "classifier.dense.weight"]
+    torch.save(sd, path)
+    return _logits(model.eval())
+
+
+def test_loralib_checkpoint_with_a_trained_classifier(tmp_path):
+    want = _loralib_checkpoint(tmp_path / "glue.pt")
+    model = _roberta()
+    base = _logits(model)
+    name = lorakit.load(model, tmp_path / "glue.pt", allow_pickle=True, alpha=8)
+    torch.testing.assert_close(_logits(model), want)
+    with lorakit.disabled(model):
+        torch.testing.assert_close(_logits(model), base)
+    lorakit.save(model, tmp_path / "again.safetensors", name)  # the classifier is saved again
+    other = _roberta()
+    lorakit.load(other, tmp_path / "again.safetensors")
+    torch.testing.assert_close(_logits(other), want)
+    lorakit.unload(model, merge=False)
+    torch.testing.assert_close(_logits(model), base)
+    assert type(model.classifier.dense).__name__ == "Linear"
+    lorakit.delete(other, "again")
+    torch.testing.assert_close(_logits(other), base)
+
+
+def test_loralib_full_state_dict_keeps_base_weights_as_a_fingerprint(tmp_path):
+    """A whole state dict (frozen base weights included) loads; the base weights only check the shapes."""
+    import loralib
+
+    torch.manual_seed(0)
+    lm = torch.nn.Sequential(loralib.Linear(8, 6, r=2, lora_alpha=4, merge_weights=False))
+    torch.save(lm.state_dict(), tmp_path / "full.pt")
+    a, fmt = lorakit.read(tmp_path / "full.pt", allow_pickle=True, alpha=4)
+    assert fmt == "loralib" and a.fingerprint == {"0": [6, 8]} and not a.saved
+    with pytest.raises(LoraError, match="weight shape"):
+        lorakit.load(torch.nn.Sequential(torch.nn.Linear(8, 5)), tmp_path / "full.pt", allow_pickle=True, alpha=4)

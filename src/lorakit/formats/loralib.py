@@ -1,5 +1,9 @@
 """microsoft/LoRA (loralib) state dicts: ``<module>.lora_A`` (r x in) and ``<module>.lora_B``
-(out x r), no prefix and no alpha (loralib's default alpha is 1, i.e. scale 1/r)."""
+(out x r), no prefix and no alpha (loralib's default alpha is 1, i.e. scale 1/r).
+
+Checkpoints often hold fully trained tensors too (a classifier head next to the factors): a module with
+a weight of its own is loaded as trained in full (modules_to_save), a lone bias as a trained bias; the
+frozen base weight of a LoRA module (a whole state dict) is kept as its shape only, the fingerprint."""
 
 from __future__ import annotations
 
@@ -21,17 +25,31 @@ def read(tensors: dict, metadata: dict, source: str, alpha: float | None = None)
         warn(f"{source}: loralib files carry no alpha; using loralib's default alpha=1 (scale 1/r). "
              "Pass alpha= to load() to match the value used in training.")
         alpha = DEFAULT_ALPHA
-    a, parts = Adapter({}), {}
+    a, parts, full = Adapter({}), {}, {}
     for key, t in tensors.items():
         path, _, role = key.rpartition(".")
+        if not path:
+            raise LoraError(f"{source}: tensor {key!r} belongs to no module; a loralib state dict holds "
+                            "<module>.lora_A/lora_B and <module>.<param> tensors")
         if role in ("lora_A", "lora_B"):
             parts.setdefault(path, {})[role] = t
-        elif role == "bias":
-            a.biases[path] = t
         else:
-            raise LoraError(f"{source}: tensor {key!r} is not a loralib LoRA tensor (<module>.lora_A/lora_B or a bias)")
+            full.setdefault(path, {})[role] = t
     for path, p in parts.items():
         if len(p) != 2:
             raise LoraError(f"{source}: module {path!r} has only {list(p)}; lora_A and lora_B come in pairs")
         a.modules[path] = ModuleLora(p["lora_A"], p["lora_B"], alpha)
+    for path, sd in full.items():
+        if path in parts:  # the LoRA module's own tensors: its frozen base weight, and a trained bias
+            if set(sd) - {"weight", "bias"}:
+                raise LoraError(f"{source}: tensor {path}.{sorted(set(sd) - {'weight', 'bias'})[0]!r} sits on "
+                                f"LoRA module {path!r}, which lorakit cannot load")
+            if "weight" in sd:
+                a.fingerprint[path] = list(sd["weight"].shape)
+            if "bias" in sd:
+                a.biases[path] = sd["bias"]
+        elif set(sd) == {"bias"}:
+            a.biases[path] = sd["bias"]
+        else:
+            a.saved[path] = sd
     return a
