@@ -52,10 +52,28 @@ def inspect(path: str, allow_pickle: bool = False) -> str:
     return "\n".join(lines)
 
 
+def pick_device(spec: str = "auto"):
+    """The torch device for --device: auto is cuda when available, else mps, else cpu; one that is not there (a
+    misspelt name, cuda on a machine without it) is a LoraError rather than a crash mid-load."""
+    import torch
+
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise LoraError(f"--device {spec!r} is not a device; give auto, cpu, cuda, cuda:N or mps") from None
+    there = {"cpu": True, "cuda": torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count(),
+             "mps": torch.backends.mps.is_available()}
+    if not there.get(dev.type, False):
+        raise LoraError(f"--device {spec!r}: this machine has no such device; give auto or cpu")
+    return dev
+
+
 def run_generate(args):
     from lorakit.llm.generate import complete, load_model
 
-    model, tokenizer = load_model(args.model, args.adapter, args.merge, args.guard)
+    model, tokenizer = load_model(args.model, args.adapter, args.merge, args.guard, pick_device(args.device))
     kw = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, chat=args.chat)
     if args.prompt:
         for prompt, text in zip(args.prompt, complete(model, tokenizer, args.prompt, **kw)):
@@ -78,8 +96,8 @@ def run_generate_image(args):
         if not sep or not name or not words.strip(","):
             raise LoraError(f"--trigger {spec!r}: write NAME=WORD[,WORD], NAME being the LoRA's file name")
         triggers[name] = [w.strip() for w in words.split(",") if w.strip()]
-    pipe, prompt = load_pipeline(args.model, args.lora, args.prompt, args.lora_dir, args.fuse, guard=args.guard,
-                                 triggers=triggers)
+    pipe, prompt = load_pipeline(args.model, args.lora, args.prompt, args.lora_dir, args.fuse, pick_device(args.device),
+                                 guard=args.guard, triggers=triggers)
     images = generate(pipe, prompt, args.negative_prompt, args.count, args.steps, args.guidance, args.seed, args.size)
     out = Path(args.out)
     img = grid(images)
@@ -195,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     gi.add_argument("--trigger", action="append", default=[], metavar="NAME=WORD[,WORD]", help="use LoRA NAME (its "
                     "file name without .safetensors) only when one of its words is in the prompt (prompt routing)")
     gi.add_argument("--out", default="images.png")
+    gi.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
     g = sub.add_parser("generate", help="generate text with weighted adapters on a base model")
     g.add_argument("--model", help="base model (default: the one recorded in the first adapter)")
     g.add_argument("--adapter", action="append", default=[], metavar="FILE[:WEIGHT]",
@@ -205,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--guard", choices=GUARDS, help="hold back burn-out where stacked adapters meet")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--num-beams", type=int, default=1)
+    g.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
     cb = sub.add_parser("combine", help="one adapter from several weighted ones (cat exact; svd, ties, dare, linear)")
     cb.add_argument("files", nargs="+", metavar="F[:W]", help="adapters and their weights (negative allowed)")
     cb.add_argument("--method", default="cat", choices=METHODS)

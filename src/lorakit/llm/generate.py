@@ -11,11 +11,12 @@ from lorakit.formats.io import base_model, load, parse_adapter
 from lorakit.llm import pretrained
 
 
-def load_model(model: str | None, adapters: list[str], merge: bool = False, guard: str | None = None):
-    """(model, tokenizer) with `adapters` ("FILE[:WEIGHT]") loaded and active with their weights (`guard`: see
-    set_weights). Without `model`, the base model recorded in the first adapter is used."""
+def load_model(model: str | None, adapters: list[str], merge: bool = False, guard: str | None = None, device=None):
+    """(model, tokenizer) on `device` with `adapters` ("FILE[:WEIGHT]") loaded and active with their weights (`guard`:
+    see set_weights). Without `model`, the base model recorded in the first adapter is used."""
     specs = [parse_adapter(a) for a in adapters]
     m, tokenizer, _ = pretrained.load(base_model(model, [path for path, _ in specs]))
+    m = m.to(device) if device is not None else m
     weights = {load(m, path): w for path, w in specs}
     if weights:
         set_weights(m, weights, guard=guard)

@@ -11,11 +11,12 @@ import torch
 from lorakit.core.components import as_module
 from lorakit.core.errors import LoraError
 from lorakit.core.guard import route
-from lorakit.core.model import merge, set_weights
-from lorakit.formats.io import base_model, load, parse_adapter, read
+from lorakit.core.model import delete, lora_modules, merge, set_weights
+from lorakit.formats.io import base_model, load, parse_adapter
 from lorakit.sd.pipeline import load_pipeline as load_base
 
 TAG = re.compile(r"<lora:([^<>]*)>")
+TEXT = {"text_encoder", "text_encoder_2", "text_encoder_3"}  # the parts a tag's TE weight applies to
 
 
 def parse_tags(prompt: str) -> tuple[str, list[tuple[str, float, float]]]:
@@ -47,6 +48,11 @@ def find_lora(name: str, lora_dir: str | None) -> Path:
     raise LoraError(f"no LoRA named {name!r} in {lora_dir}; it has {have or 'none'}")
 
 
+def carriers(pipe, name: str) -> set[str]:
+    """The pipeline components ("unet", "text_encoder", ...) on which adapter `name` has layers."""
+    return {path.split(".")[0] for path, m in lora_modules(as_module(pipe)).items() if name in m.lora_names()}
+
+
 def load_pipeline(model: str | None, loras: list[str], prompt: str, lora_dir: str | None = None, fuse: bool = False,
                   device=None, guard: str | None = None, triggers: dict[str, list[str]] | None = None):
     """(pipeline with the LoRAs of `--lora FILE[:W]` and of the prompt's tags active, prompt without tags).
@@ -64,15 +70,16 @@ def load_pipeline(model: str | None, loras: list[str], prompt: str, lora_dir: st
     pipe = load_base(base_model(model, [path for path, _, _ in specs]), device)
     weights = {}
     for k, (path, te, un) in enumerate(specs):
-        if te == un:
-            weights[load(pipe, path, name=f"lora{k}")] = un
+        name = load(pipe, path, name=f"lora{k}")  # any format; a LoRA that fits no component raises LoraError
+        parts = carriers(pipe, name)
+        if te == un or len({c in TEXT for c in parts}) < 2:
+            if parts:  # (a file of token embeddings alone adds no adapter)
+                weights[name] = te if parts <= TEXT else un
             continue
-        # different weights for the text encoder and the UNet: each part is its own adapter
-        a, _ = read(path)
-        comps = {p.split(".")[0] for p in a.modules}
-        for comp, w in (("unet", un), ("text_encoder", te), ("text_encoder_2", te)):
-            if comp in comps:
-                weights[load(getattr(pipe, comp), path, name=f"lora{k}_{comp}", component=comp)] = w
+        # different weights for the text encoder and the UNet: each part becomes its own adapter
+        delete(pipe, name)
+        for comp in sorted(parts):
+            weights[load(getattr(pipe, comp), path, name=f"lora{k}_{comp}", component=comp)] = te if comp in TEXT else un
     if weights:
         set_weights(as_module(pipe), weights, guard=guard)
         if fuse:
