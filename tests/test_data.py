@@ -96,7 +96,7 @@ GOOD = {"text": "fine"}
     ("d.jsonl", [GOOD, '{"text": "unclosed}'], 2, "not valid JSON .*; write one JSON object per line"),
     ("d.jsonl", [GOOD, "", '["text"]'], 3, "a JSON array, not an object"),
     ("d.jsonl", [GOOD, {"prompt": "p"}], 2, "missing field 'completion'; each example has exactly the fields"),
-    ("d.jsonl", [GOOD, {"text": "t", "id": 3}], 2, "unexpected field 'id'"),
+    ("d.jsonl", [GOOD, {"prompt": "p", "id": 3}], 2, "missing field 'completion' and unexpected field 'id'"),
     ("d.jsonl", [{"prompt": "p", "response": "r"}], 1, "missing field 'completion' and unexpected field 'response'"),
     ("d.jsonl", [GOOD, {}], 2, "an empty object"),
     ("d.jsonl", [GOOD, {"text": 5}], 2, "'text' is a number, not a string; write it as a string"),
@@ -111,7 +111,7 @@ GOOD = {"text": "fine"}
     ("d.txt", ["mr||"], 1, "'completion' is empty"),
     ("d.csv", ["text,label", "a,1", "b,1,extra"], 3, "3 fields but the header has 2; quote fields"),
     ("d.csv", ["text,label", "a,"], 2, "'label' is \"\""),
-    ("d.csv", ["text,label,id", "a,1,7"], 1, "the header \\['text', 'label', 'id'\\] names no example shape"),
+    ("d.csv", ["txt,label,id", "a,1,7"], 1, "the header \\['txt', 'label', 'id'\\] names no example shape"),
 ])
 def test_a_bad_line_fails_with_file_line_problem_and_fix(tmp_path, name, lines, line, problem):
     path = write(tmp_path, name, lines)

@@ -50,6 +50,18 @@ def classifier_head(model: nn.Module) -> list[str]:
     return sorted(output_heads(model)) + poolers
 
 
+def keep_out(model: nn.Module, exclude, saved: list[str]):
+    """`exclude` widened to leave out the modules `saved` names (modules_to_save entries: a name or suffix) and all
+    inside them, as one regex; `exclude`'s own entries keep their meaning and must each match. So a module trained in
+    full is never also a LoRA target (all-linear would pick BERT's pooler, which classification trains in full)."""
+    if exclude:
+        _check_each_matches(plain_modules(model), exclude, "exclude")
+    if not saved:
+        return exclude
+    theirs = [f"(?:{exclude})"] if isinstance(exclude, str) else [rf"(?:.*\.)?{re.escape(p)}" for p in exclude or []]
+    return "|".join([*theirs, *(rf"(?:.*\.)?{re.escape(n)}(?:\..+)?" for n in saved)])
+
+
 def find_targets(model: nn.Module, targets, exclude=None) -> list[str]:
     """Names of the modules that `targets` selects and `exclude` does not; every pattern must match."""
     modules = plain_modules(model)

@@ -9,8 +9,10 @@ lines, `meaning representation||reference`, read as prompt and completion). Ever
     {"text"}                                     causal LM, loss on every token
     {"text", "label"}                            classification; the label an int or a string
 
-A bad line is a LoraError naming FILE:LINE, what is wrong and how to fix it, before any training starts (or, with
-skip_bad, it is skipped and counted): a run should neither die an hour in nor quietly learn from a broken file.
+Other fields (`id`, `source`, ...; common in published data sets) are dropped with one notice per file, or refused
+with strict_fields. A bad line is a LoraError naming FILE:LINE, what is wrong and how to fix it, before any training
+starts (or, with skip_bad, it is skipped and counted): a run should neither die an hour in nor quietly learn from a
+broken file.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import csv
 import io
 import json
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -28,6 +31,7 @@ from lorakit.core.errors import LoraError
 IGNORE = -100  # the label that cross-entropy (and every transformers model) leaves out of the loss
 SHAPES = {("completion", "prompt"): "prompt/completion", ("messages",): "messages", ("text",): "text",
           ("label", "text"): "text/label"}
+FIELDS = {k for shape in SHAPES for k in shape}
 SHAPE_LIST = "{prompt, completion}, {messages}, {text} or {text, label}"
 SUFFIXES = {".jsonl": "jsonl", ".csv": ",", ".tsv": "\t", ".txt": "e2e"}
 
@@ -37,11 +41,12 @@ class _Bad(Exception):
 
 
 # --- reading --------------------------------------------------------------------------------------
-def read_examples(path, skip_bad: bool = False) -> tuple[list[dict], int]:
+def read_examples(path, skip_bad: bool = False, strict_fields: bool = False) -> tuple[list[dict], int]:
     """(examples, number of bad lines skipped) of a .jsonl, .csv, .tsv or E2E .txt file; see the module docstring.
 
     A bad line raises LoraError "FILE:LINE: problem; fix", or is skipped and counted with skip_bad. Examples of
-    different shapes in one file, and a file without a valid example, are errors either way."""
+    different shapes in one file, and a file without a valid example, are errors either way. Fields outside the
+    shapes are dropped with one notice on stderr, or are bad lines with strict_fields."""
     path = Path(path)
     kind = SUFFIXES.get(path.suffix.lower())
     if kind is None:
@@ -53,12 +58,14 @@ def read_examples(path, skip_bad: bool = False) -> tuple[list[dict], int]:
         raise LoraError(f"{path}: no such file") from None
     except UnicodeDecodeError as e:
         raise LoraError(f"{path}: not UTF-8 text ({e}); re-save it as UTF-8") from None
-    records = _jsonl(text) if kind == "jsonl" else _e2e(text) if kind == "e2e" else _table(path, text, kind)
-    examples, skipped, first = [], 0, None
+    records = _jsonl(text) if kind == "jsonl" else _e2e(text) if kind == "e2e" else \
+        _table(path, text, kind, strict_fields)
+    examples, skipped, first, ignored = [], 0, None, set()
     for line, ex in records:
         try:
             if isinstance(ex, _Bad):
                 raise ex
+            ex = _known_fields(ex, strict_fields, ignored)
             shape = _check_example(ex)
         except _Bad as e:
             if not skip_bad:
@@ -74,7 +81,26 @@ def read_examples(path, skip_bad: bool = False) -> tuple[list[dict], int]:
     if not examples:
         why = f"all {skipped} lines are bad" if skipped else "it is empty"
         raise LoraError(f"{path}: no examples ({why}); each line needs the fields {SHAPE_LIST}")
+    if ignored:
+        print(f"{path}: ignoring fields {', '.join(sorted(k or repr(k) for k in ignored))} (--strict-fields refuses "
+              "them)", file=sys.stderr)
     return examples, skipped
+
+
+def _known_fields(ex: dict, strict: bool, ignored: set) -> dict:
+    """`ex` without the fields no shape has, which go into `ignored`; with strict, such a field is _Bad."""
+    extra = sorted(set(ex) - FIELDS)
+    if not extra:
+        return ex
+    names = ", ".join(map(repr, extra))
+    if strict:
+        raise _Bad(f"fields {names} are not part of an example ({SHAPE_LIST}); remove them, or leave out "
+                   "--strict-fields to ignore them")
+    kept = {k: v for k, v in ex.items() if k in FIELDS}
+    if tuple(sorted(kept)) not in SHAPES:  # no shape left: name every field, a misspelt one may be the cause
+        raise _Bad(_field_problem(set(ex)))
+    ignored.update(extra)
+    return kept
 
 
 def _jsonl(text: str):
@@ -101,17 +127,22 @@ def _e2e(text: str):
                            "'name : The Vaults | Type : pub||The Vaults is a pub.'"))
 
 
-def _table(path: Path, text: str, delimiter: str):
-    """(start line, row dict or _Bad) per data row of a CSV/TSV file; a label cell holding an integer becomes an int."""
+def _table(path: Path, text: str, delimiter: str, strict: bool = False):
+    """(start line, row dict or _Bad) per data row of a CSV/TSV file; a label cell holding an integer becomes an int.
+    Columns outside the shapes stay in the rows (read_examples drops them); with strict they are refused here."""
     # TSV files (GLUE and most corpora) are unquoted: a '"' in them is text, not quoting
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
     header = [h.strip() for h in next(reader, [])]
     if not header:
         return
-    if tuple(sorted(header)) not in SHAPES or header == ["messages"]:
+    known = [h for h in header if h in FIELDS]
+    if tuple(sorted(known)) not in SHAPES or known == ["messages"]:
         raise LoraError(f"{path}:1: the header {header} names no example shape; name the columns prompt,completion "
                         "or text or text,label (conversations need .jsonl)")
+    if strict and len(known) < len(header):
+        raise LoraError(f"{path}:1: the columns {[h for h in header if h not in FIELDS]} are not part of an example; "
+                        "remove them, or leave out --strict-fields to ignore them")
     prev = reader.line_num
     for row in reader:
         line, prev = prev + 1, reader.line_num  # a quoted field may span lines: report where the row starts

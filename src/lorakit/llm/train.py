@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from lorakit import options, runner
 from lorakit.core.config import LoraConfig
 from lorakit.core.model import inject, summary
-from lorakit.core.targeting import classifier_head
+from lorakit.core.targeting import classifier_head, keep_out
 from lorakit.formats.io import save
 from lorakit.llm import data as datalib
 from lorakit.llm import fsdp, pretrained
@@ -59,6 +59,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     skip_bad: bool = False
+    strict_fields: bool = False  # refuse data fields outside the example shapes (else ignored with a notice)
     eval_bleu: bool = False  # also generate for each eval prompt and score BLEU (before and after)
     num_beams: int = 1
 
@@ -132,11 +133,12 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
 
-        examples, self.skipped = datalib.read_examples(cfg.data, skip_bad=cfg.skip_bad)
+        examples, self.skipped = datalib.read_examples(cfg.data, cfg.skip_bad, cfg.strict_fields)
         self.labels = datalib.label_names(examples) if cfg.task == "classify" else None
         model, self.tokenizer, self.base = pretrained.load(cfg.model, cfg.task, num_labels=len(self.labels or [0, 1]))
         self.rows = self.encode(examples)
-        self.eval_examples = datalib.read_examples(cfg.eval_data, skip_bad=cfg.skip_bad)[0] if cfg.eval_data else []
+        self.eval_examples = (datalib.read_examples(cfg.eval_data, cfg.skip_bad, cfg.strict_fields)[0]
+                              if cfg.eval_data else [])
         self.eval_rows = self.encode(self.eval_examples) if self.eval_examples else []
         self.eval_every = cfg.eval_every if self.eval_rows else 0
         self.pad_id = self.tokenizer.pad_token_id
@@ -146,8 +148,8 @@ class Trainer:
         elif adapt is not None:
             model = adapt(model)
         else:
-            heads = classifier_head(model) if cfg.task == "classify" else []
-            inject(model, replace(cfg.lora, modules_to_save=[*cfg.lora.modules_to_save, *heads]))
+            saved = [*cfg.lora.modules_to_save, *(classifier_head(model) if cfg.task == "classify" else [])]
+            inject(model, replace(cfg.lora, modules_to_save=saved, exclude=keep_out(model, cfg.lora.exclude, saved)))
         if cfg.gradient_checkpointing:
             kwargs = {"use_reentrant": False}  # reentrant checkpointing would leave LoRA untrained (peft#1142)
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
