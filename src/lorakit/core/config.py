@@ -6,11 +6,13 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Literal
 
 from lorakit.core.errors import LoraError
 
 BIAS_MODES = ("none", "all", "lora_only")
 INITS = (True, False, "gaussian")
+FACTOR_DTYPES = ("fp32", "base")
 
 
 @dataclass
@@ -26,6 +28,8 @@ class LoraConfig:
     False (both random: a non-identity adapter, for tests).
     bias: "none", "all" (train every bias) or "lora_only" (biases of targeted layers); trained
     biases are saved with the adapter. modules_to_save: modules trained in full, one copy per adapter.
+    factor_dtype: "fp32" (the factors of a bf16/fp16 base are kept in fp32, as PEFT does, so small updates are not
+    rounded away; outputs keep the base dtype) or "base" (the factors take the base's dtype: half the memory).
     """
 
     r: int = 8
@@ -39,6 +43,7 @@ class LoraConfig:
     init: bool | str = True
     bias: str = "none"
     modules_to_save: list[str] = field(default_factory=list)
+    factor_dtype: Literal["fp32", "base"] = "fp32"
 
     def __post_init__(self):
         if isinstance(self.targets, tuple):
@@ -54,6 +59,8 @@ class LoraConfig:
             raise LoraError(f"LoraConfig.bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if self.init not in INITS:
             raise LoraError(f"LoraConfig.init must be True, False or 'gaussian', got {self.init!r}")
+        if self.factor_dtype not in FACTOR_DTYPES:
+            raise LoraError(f"LoraConfig.factor_dtype must be 'fp32' or 'base', got {self.factor_dtype!r}")
         if not self.targets:
             raise LoraError("LoraConfig.targets is empty: name the modules to adapt, e.g. ['q_proj', 'v_proj']")
         for pattern in [self.targets, self.exclude, *self.rank_pattern, *self.alpha_pattern]:

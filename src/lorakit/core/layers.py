@@ -80,16 +80,22 @@ class LoraLayer(nn.Module):
         self.lora_scale: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = {}
         self.lora_weights: dict[str, float] = {}  # the active adapters and their weights
-        self.lora_merged: dict[str, float] = {}  # what merge() added to the weight
+        self.lora_merged: dict[str, float] = {}  # the adapters merge() added to the weight
+        self.lora_premerge: torch.Tensor | None = None  # the weight as merge() found it, for an exact unmerge
         self.lora_guarded: tuple[torch.Tensor, torch.Tensor] | None = None  # guarded factors of lora_weights
         self.disabled = False
         self._lora_hook = self.register_load_state_dict_post_hook(_adapter_keys_optional)
 
     # --- initialisation -------------------------------------------------------------------------
-    def lora_add(self, name: str, r: int, alpha: float, scale: float, dropout: float = 0.0, init=True):
-        """Create adapter `name` (rank r) in this layer; it starts inactive."""
+    def lora_add(self, name: str, r: int, alpha: float, scale: float, dropout: float = 0.0, init=True,
+                 factor_dtype: str = "fp32"):
+        """Create adapter `name` (rank r) in this layer; it starts inactive. Its factors are fp32 on a half-precision
+        base unless factor_dtype="base" (as PEFT: half-precision factors round away small updates in training)."""
         a_shape, b_shape = factor_shapes(self, r)
-        kw = dict(device=self.weight.device, dtype=self.weight.dtype)
+        dtype = self.weight.dtype
+        if factor_dtype == "fp32" and dtype in (torch.float16, torch.bfloat16):
+            dtype = torch.float32
+        kw = dict(device=self.weight.device, dtype=dtype)
         A, B = torch.empty(a_shape, **kw), torch.empty(b_shape, **kw)
         with torch.no_grad():
             if self.lora_kind == "embedding":
@@ -180,16 +186,21 @@ class LoraLayer(nn.Module):
 
     @torch.no_grad()
     def lora_merge(self, new_weight: torch.Tensor | None = None):
+        """Set the weight to W + ΔW, keeping a copy of W (one weight's memory) so that unmerge is exact."""
         if self.lora_merged or not self.lora_weights:
             return
-        self.weight.copy_(self.lora_merged_weight() if new_weight is None else new_weight)
+        new_weight = self.lora_merged_weight() if new_weight is None else new_weight
+        self.lora_premerge = self.weight.detach().clone()
+        self.weight.copy_(new_weight)
         self.lora_merged = dict(self.lora_weights)
 
     @torch.no_grad()
     def lora_unmerge(self):
+        """Put back the weight merge() found, bit for bit: subtracting ΔW again would round (half precision) and
+        would be wrong once the factors changed."""
         if self.lora_merged:
-            self.weight.sub_(self.lora_delta(self.lora_merged).to(self.weight.dtype))
-            self.lora_merged = {}
+            self.weight.copy_(self.lora_premerge)
+            self.lora_merged, self.lora_premerge = {}, None
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}: r={self.lora_A[n].shape[0]} s={self.lora_scale[n]:g}" for n in self.lora_A)
@@ -255,12 +266,27 @@ _CLASSES: dict[tuple[type, type], type] = {}
 
 def swap_in(module: nn.Module, mixin: type) -> nn.Module:
     """Turn `module` into a lorakit layer in place by swapping in a subclass of its own class."""
-    base = type(module)
-    if (mixin, base) not in _CLASSES:
-        _CLASSES[(mixin, base)] = type(f"{mixin.__name__}[{base.__name__}]", (mixin, base), {})
-    module.__class__ = _CLASSES[(mixin, base)]
+    module.__class__ = _class(mixin, type(module))
     module.lora_setup()
     return module
+
+
+def _class(mixin: type, base: type) -> type:
+    """The subclass of `base` with `mixin`, made once. It is not importable by name, so it pickles by its parts."""
+    if (mixin, base) not in _CLASSES:
+        _CLASSES[(mixin, base)] = type(f"{mixin.__name__}[{base.__name__}]", (mixin, base), {"__reduce_ex__": _reduce})
+    return _CLASSES[(mixin, base)]
+
+
+def _reduce(module: nn.Module, protocol: int):
+    """pickle / torch.save / deepcopy of a lorakit layer: rebuild its class from (mixin, base), then its state."""
+    mro = type(module).__mro__
+    return _new, (mro[1], mro[2]), module.__getstate__()
+
+
+def _new(mixin: type, base: type) -> nn.Module:
+    cls = _class(mixin, base)
+    return cls.__new__(cls)
 
 
 def swap_out(module: nn.Module) -> nn.Module:
@@ -269,8 +295,8 @@ def swap_out(module: nn.Module) -> nn.Module:
     for attr in ("lora_A", "lora_B", "lora_copies"):
         if attr in module._modules:
             del module._modules[attr]
-    for attr in ("lora_kind", "lora_alpha", "lora_scale", "lora_dropout", "lora_weights", "lora_merged", "lora_guarded",
-                 "disabled", "_lora_hook"):
+    for attr in ("lora_kind", "lora_alpha", "lora_scale", "lora_dropout", "lora_weights", "lora_merged",
+                 "lora_premerge", "lora_guarded", "disabled", "_lora_hook"):
         module.__dict__.pop(attr, None)
     module.__class__ = type(module).__mro__[2]
     return module

@@ -124,7 +124,8 @@ def add_adapter(model: nn.Module, name: str, ranks: dict[str, tuple[int, float]]
             m = modules[path]
             if not isinstance(m, LoraLayer):
                 swap_in(m, LoraLayer)
-            m.lora_add(name, r, alpha, scale(r, alpha, config.use_rslora), config.dropout, config.init)
+            m.lora_add(name, r, alpha, scale(r, alpha, config.use_rslora), config.dropout, config.init,
+                       config.factor_dtype)
         for path in saved:
             m = modules[path]
             original = swap_out(copy.deepcopy(m)) if isinstance(m, SavedModule) else m
@@ -244,6 +245,8 @@ def disabled(model: nn.Module):
 def merge(model: nn.Module, safe: bool = False) -> nn.Module:
     """Add the active adapters' ΔW into the base weights: no extra latency, undone by unmerge().
 
+    Each merged layer keeps a copy of its weight as merge found it (as much memory again as the merged weights;
+    unload(merge=True) keeps none), so that unmerge() and disabled() give it back bit for bit.
     safe=True computes every merged weight first and refuses (changing nothing) if one is not finite.
     """
     layers = {n: m for n, m in lora_modules(model).items() if isinstance(m, LoraLayer) and not m.lora_merged}
@@ -274,12 +277,9 @@ def _check_untied(model: nn.Module, names: set[str]):
                             "would change those too. Keep it unmerged, or untie the weights first")
 
 
-_merge = merge  # unload's `merge` flag shadows the function
-
-
 @accepts_pipeline
 def unmerge(model: nn.Module) -> nn.Module:
-    """Subtract what merge() added (the same ΔW, recomputed exactly)."""
+    """Undo merge(): each merged weight is restored exactly as merge() found it (even if factors changed since)."""
     for m in lora_modules(model).values():
         if isinstance(m, LoraLayer):
             m.lora_unmerge()
@@ -290,10 +290,13 @@ def unmerge(model: nn.Module) -> nn.Module:
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """A plain model with no lorakit module left: the active adapters baked in (merge=True) or dropped."""
     if merge:
-        _merge(model)
+        _check_untied(model, {n for n, m in lora_modules(model).items()
+                              if isinstance(m, LoraLayer) and m.lora_weights and not m.lora_merged})
     else:
         unmerge(model)
     for m in lora_modules(model).values():
+        if merge and isinstance(m, LoraLayer):
+            m.lora_merge()  # one layer at a time: its pre-merge copy goes with swap_out below
         if merge and isinstance(m, SavedModule):
             with torch.no_grad():
                 new = {k: v.detach().clone() for k, v in m.lora_params().items()}
