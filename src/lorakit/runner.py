@@ -4,8 +4,10 @@ A trainer (lorakit.llm.train.Trainer, lorakit.sd.train.Trainer) is set up in its
 steps: `step(k)` (one optimisation step, returning its metrics), `evaluate(k)` and `finish(result)`. `run` drives
 them the same way for both: resume, the step loop with a progress bar, metrics, checkpoints, the loss plot, the card.
 
-RUN/ holds metrics.jsonl (one record per step), loss.png, README.md (model card) and checkpoints/step-N/ (trained
-tensors, optimizer, schedule and every process's RNG state, so a resumed run ends where an uninterrupted one does).
+RUN/ holds run.json (the settings a resume must share), metrics.jsonl (one record per step), loss.png, README.md
+(model card) and checkpoints/step-N/ (trained tensors, optimizer, schedule, gradient scaler and every process's RNG
+states, so a resumed run ends where an uninterrupted one does). A folder holding another run is refused unless the
+run resumes it (same settings) or overwrites it.
 """
 
 from __future__ import annotations
@@ -31,17 +33,19 @@ def run(trainer) -> dict:
     """Drive `trainer` from its last checkpoint (if it resumes) to its last step; returns the run's result.
 
     The trainer has: acc (accelerate), out (run folder), total (steps), params (name -> trained tensor), opt, sched,
-    resume, save_every, keep, eval_every; begin(start) -> dict, step(k) -> dict, evaluate(k) -> dict,
-    checkpointed(k), finish(result) -> dict and card(result) -> (front matter, body, settings). Every process runs
+    stateful (name -> more objects with state_dict/load_state_dict to checkpoint, e.g. a gradient scaler), resume,
+    overwrite, settings (see `settings`), save_every, keep, eval_every; begin(start) -> dict, step(k) -> dict,
+    evaluate(k) -> dict, checkpointed(k), finish(result) -> dict and card(result) -> (front matter, body, settings).
+    Every process runs
     every named step (a sharded model's forward needs them all); files are written by the main process only."""
     from tqdm.auto import tqdm
 
     acc, out = trainer.acc, Path(trainer.out)
+    open_folder(out, trainer.settings, trainer.resume, trainer.overwrite, acc)
     start = 0
     if trainer.resume and checkpoints(out):
-        start = load_checkpoint(checkpoints(out)[-1], trainer.params, trainer.opt, trainer.sched, acc.process_index)
+        start = load_checkpoint(checkpoints(out)[-1], trainer)
     if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
         write_metrics(out, [m for m in read_metrics(out) if m["step"] <= start] if start else [])
     result = trainer.begin(start)
     bar = tqdm(total=trainer.total, initial=start, disable=not acc.is_main_process, desc=trainer.name)
@@ -58,7 +62,7 @@ def run(trainer) -> dict:
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
         bar.update(1)
         if trainer.save_every and (step + 1) % trainer.save_every == 0 and step + 1 < trainer.total:
-            save_checkpoint(out, step + 1, trainer.params, trainer.opt, trainer.sched, acc, trainer.keep)
+            save_checkpoint(out, step + 1, trainer)
             trainer.checkpointed(step + 1)
     bar.close()
 
@@ -84,37 +88,133 @@ def step_indices(n: int, seed: int, step: int, per_step: int) -> list[int]:
     return out
 
 
+# --- run folder -------------------------------------------------------------------------------------------------
+HOLDS = ("run.json", "metrics.jsonl", "checkpoints", "adapter.safetensors", "adapter", "model", "pipeline")
+RUN_FILES = (*HOLDS, "loss.png", "README.md", "samples", "adapter-*")  # all a run writes, which --overwrite clears
+
+
+def settings(cfg, free: set, processes: int) -> dict:
+    """The settings of a run that a resume must share (all of `cfg` but the `free` fields), flattened to dotted
+    names ("lora.r") as run.json holds them; existing paths are made absolute."""
+    from dataclasses import asdict
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        return {k2: v2 for k, v in d.items() if prefix or k not in free
+                for k2, v2 in (flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v}).items()}
+
+    out = {**flat(asdict(cfg)), "processes": processes}
+    for k in ("model", "data", "class_data"):
+        if isinstance(out.get(k), str) and out[k] and Path(out[k]).exists():
+            out[k] = str(Path(out[k]).resolve())
+    return json.loads(json.dumps(out, default=str))  # as read back from run.json
+
+
+def open_folder(out: Path, current: dict, resume: bool, overwrite: bool, acc):
+    """Make RUN/ ready for this run: a folder that holds a run is refused unless `resume` (and its run.json has the
+    same settings) or `overwrite` (its run's files are deleted first). Stale temporary checkpoints are removed."""
+    if resume and overwrite:
+        raise LoraError("--resume and --overwrite contradict each other: give one of them")
+    held = [n for n in HOLDS if (out / n).exists()]
+    if held and not overwrite:
+        if not resume:
+            raise LoraError(f"{out} already holds a run ({held[0]}); pass --resume to continue it, --overwrite to "
+                            "replace it, or choose another --out")
+        if not (out / "run.json").exists():
+            raise LoraError(f"{out} holds a run without run.json (an older lorakit's?), so --resume cannot check that "
+                            "it is this run; pass --overwrite to replace it, or choose another --out")
+        old = json.loads((out / "run.json").read_text())
+        if diff := [k for k in sorted(old.keys() | current.keys()) if old.get(k) != current.get(k)]:
+            raise LoraError(f"{out} holds a different run, so --resume would mix the two: " + "; ".join(
+                f"{k} was {old.get(k)!r}, now {current.get(k)!r}" for k in diff[:4]) +
+                "; resume with that run's settings, or pass --overwrite, or choose another --out")
+    acc.wait_for_everyone()  # every process has checked before the main one changes anything
+    if acc.is_main_process:
+        for pattern in RUN_FILES if overwrite else ():
+            for path in out.glob(pattern):
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        for tmp in (out / "checkpoints").glob(".step-*.tmp"):  # left by a kill mid-checkpoint; never resumed from
+            shutil.rmtree(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(current, indent=1) + "\n"))
+    acc.wait_for_everyone()
+
+
 # --- checkpoints ------------------------------------------------------------------------------------------------
 def checkpoints(out: Path) -> list[Path]:
+    """The complete checkpoints, oldest first (a `.step-N.tmp` folder being written is not one)."""
     return sorted((Path(out) / "checkpoints").glob("step-*"))
 
 
-def save_checkpoint(out: Path, step: int, params: dict, opt, sched, acc, keep: int):
-    """Write RUN/checkpoints/step-N/ atomically: the trained tensors `params` (name -> tensor), optimizer, schedule
-    and every process's RNG state; keep the last `keep`."""
+def rng_state(device: torch.device) -> dict:
+    """This process's random generators: torch's CPU one, its CUDA device's, python's and numpy's."""
+    import numpy as np
+
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device):
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "numpy" in state:
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _fsync(folder: Path):
+    """Flush a folder's files and the folder itself to disk, so a rename after it never publishes lost data."""
+    for f in folder.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(out: Path, step: int, trainer):
+    """Write RUN/checkpoints/step-N/ atomically (written as .step-N.tmp, then renamed): the trained tensors, the
+    optimizer, schedule and `trainer.stateful`, and every process's RNG states; keep the last `trainer.keep`."""
     from safetensors.torch import save_file
 
+    acc, keep = trainer.acc, trainer.keep
     final = out / "checkpoints" / f"step-{step:06d}"
     tmp = out / "checkpoints" / f".step-{step:06d}.tmp"
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({n: p.detach().cpu().clone() for n, p in params.items()}, str(tmp / "trainable.safetensors"))
-        torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "state.pt")
+        save_file({n: p.detach().cpu().clone() for n, p in trainer.params.items()}, str(tmp / "trainable.safetensors"))
+        extra = {k: v.state_dict() for k, v in getattr(trainer, "stateful", {}).items()}
+        torch.save({"step": step, "optimizer": trainer.opt.state_dict(), "scheduler": trainer.sched.state_dict(),
+                    **extra}, tmp / "state.pt")
     acc.wait_for_everyone()
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / f"rng-{acc.process_index}.pt")
+    torch.save(rng_state(acc.device), tmp / f"rng-{acc.process_index}.pt")
     acc.wait_for_everyone()
     if acc.is_main_process:
+        _fsync(tmp)
+        if final.exists():  # a stale one of the same step: the new one replaces it
+            shutil.rmtree(final)
         os.replace(tmp, final)
         for old in checkpoints(out)[:-keep] if keep > 0 else []:
             shutil.rmtree(old)
     acc.wait_for_everyone()
 
 
-def load_checkpoint(path: Path, params: dict, opt, sched, rank: int) -> int:
-    """Restore a checkpoint into `params` (name -> tensor), the optimizer and schedule; returns its step."""
+def load_checkpoint(path: Path, trainer) -> int:
+    """Restore a checkpoint into the trainer's params, optimizer, schedule, `stateful` and this process's RNGs;
+    returns its step."""
     from safetensors.torch import load_file
 
+    params, acc = trainer.params, trainer.acc
     tensors = load_file(str(path / "trainable.safetensors"))
     missing = [n for n in params if n not in tensors]
     if missing or any(n not in params for n in tensors):
@@ -124,18 +224,25 @@ def load_checkpoint(path: Path, params: dict, opt, sched, rank: int) -> int:
         for n, t in tensors.items():
             params[n].copy_(t)
     state = torch.load(path / "state.pt", weights_only=True)
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    rng = torch.load(path / f"rng-{rank}.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
+    trainer.opt.load_state_dict(state["optimizer"])
+    trainer.sched.load_state_dict(state["scheduler"])
+    for k, v in getattr(trainer, "stateful", {}).items():
+        if k in state:
+            v.load_state_dict(state[k])
+    set_rng_state(torch.load(path / f"rng-{acc.process_index}.pt", weights_only=True), acc.device)
     return state["step"]
 
 
 # --- metrics, loss curve, model card ----------------------------------------------------------------------------
 def read_metrics(out: Path) -> list[dict]:
     path = Path(out) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    lines = [line for line in path.read_text().splitlines() if line] if path.exists() else []
+    if lines:  # a kill while a record was appended may leave a partial last line: drop it
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            lines.pop()
+    return [json.loads(line) for line in lines]
 
 
 def write_metrics(out: Path, records: list[dict]):

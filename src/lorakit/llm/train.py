@@ -50,6 +50,7 @@ class TrainConfig:
     save_every: int = 0
     keep: int = 2  # checkpoints kept
     resume: bool = False
+    overwrite: bool = False  # replace the run already in `out` (else it is refused)
     seed: int = 0
     gradient_checkpointing: bool = False
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -65,6 +66,11 @@ class TrainConfig:
 
     def __post_init__(self):
         options.check(self)
+
+
+# the settings a resumed run may change (the rest must match the run it continues: lorakit.runner.open_folder)
+FREE = {"out", "resume", "overwrite", "save_every", "keep", "eval_data", "eval_every", "eval_bleu", "num_beams",
+        "gradient_checkpointing"}
 
 
 def loss_sum(model, batch: dict, task: str) -> tuple[torch.Tensor, int, torch.Tensor]:
@@ -129,7 +135,9 @@ class Trainer:
         self.acc = acc = Accelerator(cpu=on_cpu)  # bf16 is plain autocast, so runs in one process may differ in precision
         self.fsdp = fsdp.setup(acc, cfg, adapt, on_cpu)
         self.cfg, self.adapt, self.out = cfg, adapt, Path(cfg.out)
-        self.resume, self.save_every, self.keep = cfg.resume, cfg.save_every, cfg.keep
+        self.resume, self.overwrite, self.save_every, self.keep = cfg.resume, cfg.overwrite, cfg.save_every, cfg.keep
+        self.settings = runner.settings(cfg, FREE, acc.num_processes)
+        self.stateful = {}
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
 
@@ -207,7 +215,8 @@ class Trainer:
         micro = [idx[k * size + rank * cfg.batch_size:k * size + (rank + 1) * cfg.batch_size]
                  for k in range(cfg.grad_accum)]
         batches = [datalib.collate([self.rows[i] for i in m], self.pad_id) for m in micro]
-        count = acc.reduce(torch.tensor(float(sum(n_targets(b, cfg.task) for b in batches))), "sum").item()
+        count = acc.reduce(torch.tensor(float(sum(n_targets(b, cfg.task) for b in batches)), device=acc.device),
+                           "sum").item()  # on the device: NCCL reduces no CPU tensors
         running = 0.0
         for k, b in enumerate(batches):
             sync = acc.no_sync(self.model) if k < len(batches) - 1 else contextlib.nullcontext()
@@ -221,7 +230,7 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        return {"loss": acc.reduce(torch.tensor(running), "sum").item() / max(count, 1),
+        return {"loss": acc.reduce(torch.tensor(running, device=acc.device), "sum").item() / max(count, 1),
                 "lr": self.sched.get_last_lr()[0], "tokens_per_s": self.tokens * world / max(time.time() - self.t0, 1e-9)}
 
     def evaluate(self, step: int) -> dict:

@@ -33,6 +33,9 @@ UNET_TARGETS = {"default": ["to_q", "to_k", "to_v", "to_out.0"],  # diffusers' S
                 "all-linear": "all-linear"}
 CONV_TARGETS = ["conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv"]  # LoCon
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# the settings a resumed run may change (the rest must match the run it continues: lorakit.runner.open_folder)
+FREE = {"out", "resume", "overwrite", "save_every", "keep", "validation_prompts", "num_validation_images",
+        "validation_steps", "guidance_scale", "export", "cache_latents", "gradient_checkpointing"}
 
 
 @dataclass
@@ -76,6 +79,7 @@ class SDTrainConfig:
     save_every: int = 0
     keep: int = 2
     resume: bool = False
+    overwrite: bool = False  # replace the run already in `out` (else it is refused)
     validation_prompts: list[str] = field(default_factory=list)
     num_validation_images: int = 4
     validation_steps: int = 20  # DPM-Solver++ steps for the sample grids
@@ -185,7 +189,8 @@ class Trainer:
         on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
         self.acc = acc = Accelerator(cpu=on_cpu)
         self.cfg, self.out = cfg, Path(cfg.out)
-        self.resume, self.save_every, self.keep, self.eval_every = cfg.resume, cfg.save_every, cfg.keep, 0
+        self.resume, self.overwrite, self.save_every, self.keep = cfg.resume, cfg.overwrite, cfg.save_every, cfg.keep
+        self.eval_every, self.settings = 0, runner.settings(cfg, FREE, acc.num_processes)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.pipe = pipe = load_pipeline(cfg.model, acc.device)
@@ -248,6 +253,9 @@ class Trainer:
         self.sched = get_scheduler(cfg.schedule, self.opt, num_warmup_steps=round(cfg.warmup * self.total),
                                    num_training_steps=self.total)
         self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+        # fp16 gradients underflow without loss scaling; the scaler skips steps whose gradients overflowed
+        self.scaler = torch.amp.GradScaler(acc.device.type, enabled=cfg.precision == "fp16")
+        self.stateful = {"scaler": self.scaler} if cfg.precision == "fp16" else {}
         self.data = Images(pipe, self.pairs, cfg)
         self.class_data = Images(pipe, self.prior, cfg) if self.prior else None
         if cfg.cache_latents:  # encode every image (and its flip) now, so the VAE is not needed while training
@@ -296,15 +304,17 @@ class Trainer:
         b = cfg.batch_size
         loss, prior_loss = losses[:b].sum() / n, losses[b:].sum() / n if self.class_data else None
         total_loss = loss + cfg.prior_loss_weight * prior_loss if self.class_data else loss
-        (total_loss * world).backward()
+        self.scaler.scale(total_loss * world).backward()
         trained = [p for grp in self.groups for p in grp["params"]]
         if world > 1:  # average the gradients over processes (done by hand: pivotal switches what trains mid-run)
             for p in trained:
                 if p.grad is not None:
                     p.grad = acc.reduce(p.grad, "mean")
+        self.scaler.unscale_(self.opt)  # averaged first: every process then finds the same overflow, or none
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trained, cfg.max_grad_norm)
-        self.opt.step()
+        self.scaler.step(self.opt)
+        self.scaler.update()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         reduce = (lambda x: acc.reduce(x.detach(), "sum").item()) if world > 1 else (lambda x: x.item())
