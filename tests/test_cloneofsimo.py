@@ -210,10 +210,10 @@ def test_embeddings_added(tiny_sd):
     w = enc.get_input_embeddings().weight
     assert w.shape[0] == rows  # the tiny CLIP's table (64) already has room: it only ever grows
     assert torch.equal(w[n], v1) and torch.equal(w[n + 1], v2)
-    # adding a known token again overwrites its row and keeps its id
-    v3 = torch.randn(16)
-    assert add_tokens(tok, enc, {"<s1>": v3}) == [n] and len(tok) == n + 2
-    assert torch.equal(enc.get_input_embeddings().weight[n], v3)
+    # a known token is refused: a learned row never replaces one the tokenizer already has
+    with pytest.raises(LoraError, match="already in the tokenizer"):
+        add_tokens(tok, enc, {"<s1>": torch.randn(16)})
+    assert len(tok) == n + 2 and torch.equal(enc.get_input_embeddings().weight[n], v1)
 
 
 def test_embeddings_grow_the_table(tiny_sd):

@@ -171,3 +171,82 @@ def test_loralib_full_state_dict_keeps_base_weights_as_a_fingerprint(tmp_path):
     assert fmt == "loralib" and a.fingerprint == {"0": [6, 8]} and not a.saved
     with pytest.raises(LoraError, match="weight shape"):
         lorakit.load(torch.nn.Sequential(torch.nn.Linear(8, 5)), tmp_path / "full.pt", allow_pickle=True, alpha=4)
+
+
+# --- 4. learned token embeddings never replace a known token, and go with their adapter -------------
+def _pivotal_file(path, tokens, seed=0):
+    """A lorakit file with LoRA on the text encoder's first q_proj and learned embeddings for `tokens`."""
+    g = torch.Generator().manual_seed(seed)
+    a = Adapter({"text_encoder.encoder.layers.0.self_attn.q_proj": ModuleLora(
+        torch.randn(2, 16, generator=g), torch.randn(16, 2, generator=g), 2.0, "linear")},
+        embeddings={t: torch.randn(16, generator=g) for t in tokens})
+    lorakit.formats.io.write(a, path)
+    return a
+
+
+def _text_state(pipe):
+    return {"vocab": dict(pipe.tokenizer.get_vocab()), "len": len(pipe.tokenizer),
+            "rows": {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}}
+
+
+def _assert_same_text_state(pipe, before):
+    after = _text_state(pipe)
+    assert after["vocab"] == before["vocab"] and after["len"] == before["len"]
+    assert after["rows"].keys() == before["rows"].keys()
+    for k, v in before["rows"].items():
+        assert torch.equal(after["rows"][k], v), k
+
+
+def _encode(pipe, prompt):
+    with torch.no_grad():
+        return pipe.text_encoder(pipe.tokenizer(prompt, return_tensors="pt").input_ids).last_hidden_state
+
+
+def test_learned_token_never_replaces_a_known_token(tiny_sd, tmp_path):
+    _pivotal_file(tmp_path / "clash.safetensors", ["<s1>", "a</w>"])  # 'a</w>' is the word "a" of the vocabulary
+    before = _text_state(tiny_sd)
+    with pytest.raises(LoraError, match=r"'a</w>' is already in the tokenizer"):
+        lorakit.load(tiny_sd, tmp_path / "clash.safetensors")
+    _assert_same_text_state(tiny_sd, before)
+    assert lorakit.adapters(tiny_sd) == []
+
+
+@pytest.mark.parametrize("undo", ["delete", "unload"])
+def test_delete_and_unload_remove_the_learned_tokens(tiny_sd, tmp_path, undo):
+    a = _pivotal_file(tmp_path / "piv.safetensors", [f"<s{i}>" for i in range(12)])  # 55 + 12 > 64 rows: grows
+    before, base = _text_state(tiny_sd), _encode(tiny_sd, "a b")
+    name = lorakit.load(tiny_sd, tmp_path / "piv.safetensors")
+    i = tiny_sd.tokenizer.convert_tokens_to_ids("<s3>")
+    assert torch.equal(tiny_sd.text_encoder.get_input_embeddings().weight[i], a.embeddings["<s3>"])
+    with lorakit.disabled(tiny_sd):  # no existing row changed: a prompt without the new tokens is the base's
+        torch.testing.assert_close(_encode(tiny_sd, "a b"), base, rtol=0, atol=0)
+    if undo == "delete":
+        lorakit.delete(tiny_sd, name)
+    else:
+        lorakit.unload(tiny_sd, merge=False)
+    _assert_same_text_state(tiny_sd, before)
+    lorakit.load(tiny_sd, tmp_path / "piv.safetensors")  # and it loads again
+    assert "<s3>" in tiny_sd.tokenizer.get_vocab()
+
+
+def test_unload_with_merge_keeps_the_learned_tokens(tiny_sd, tmp_path):
+    a = _pivotal_file(tmp_path / "piv.safetensors", ["<s1>"])
+    lorakit.load(tiny_sd, tmp_path / "piv.safetensors")
+    lorakit.unload(tiny_sd, merge=True)
+    i = tiny_sd.tokenizer.convert_tokens_to_ids("<s1>")
+    assert torch.equal(tiny_sd.text_encoder.get_input_embeddings().weight[i], a.embeddings["<s1>"])
+
+
+def test_deleting_an_earlier_adapter_keeps_later_tokens_working(tiny_sd, tmp_path):
+    before = _text_state(tiny_sd)
+    _pivotal_file(tmp_path / "one.safetensors", ["<a1>", "<a2>"], seed=1)
+    b = _pivotal_file(tmp_path / "two.safetensors", ["<b1>"], seed=2)
+    one = lorakit.load(tiny_sd, tmp_path / "one.safetensors")
+    two = lorakit.load(tiny_sd, tmp_path / "two.safetensors")
+    lorakit.delete(tiny_sd, one)
+    vocab = tiny_sd.tokenizer.get_vocab()
+    assert "<a1>" not in vocab and len(tiny_sd.tokenizer) == before["len"] + 1
+    assert torch.equal(tiny_sd.text_encoder.get_input_embeddings().weight[vocab["<b1>"]], b.embeddings["<b1>"])
+    assert tiny_sd.tokenizer("<b1>").input_ids[1] == vocab["<b1>"]
+    lorakit.delete(tiny_sd, two)
+    assert tiny_sd.tokenizer.get_vocab() == before["vocab"]

@@ -152,6 +152,8 @@ def _remove(model: nn.Module, name: str):
             swap_out(m)
     for m in model.modules():
         getattr(m, "lora_adapters", {}).pop(name, None)
+        if undo := m.__dict__.get("lora_undo", {}).pop(name, None):  # what loading it added: learned tokens
+            undo()
 
 
 @accepts_pipeline
@@ -288,7 +290,9 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 @accepts_pipeline
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
-    """A plain model with no lorakit module left: the active adapters baked in (merge=True) or dropped."""
+    """A plain model with no lorakit module left: the active adapters baked in (merge=True) or dropped.
+    Learned tokens stay with the adapters baked in and go with the others."""
+    baked = set(active(model)) if merge else set()
     if merge:
         _check_untied(model, {n for n, m in lora_modules(model).items()
                               if isinstance(m, LoraLayer) and m.lora_weights and not m.lora_merged})
@@ -306,6 +310,9 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         swap_out(m)
     for m in model.modules():
         m.__dict__.pop("lora_adapters", None)
+        for name, undo in m.__dict__.pop("lora_undo", {}).items():
+            if name not in baked:
+                undo()
     return model
 
 

@@ -222,8 +222,8 @@ def read(path, allow_pickle: bool = False, alpha: float | None = None) -> tuple[
 
 def _read_peft(config_path: Path, weights: Path, allow_pickle: bool, tensors: dict | None = None):
     try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
         raise LoraError(f"{config_path}: not valid JSON ({e})") from None
     if tensors is None:
         tensors, _ = _read_tensors(weights, allow_pickle)
@@ -245,7 +245,7 @@ def load(model: nn.Module, path, name: str | None = None, allow_pickle: bool = F
         a = cloneofsimo.bind(a, model, str(path), component)
     tokenizer, encoder = getattr(target, "tokenizer", None), getattr(target, "text_encoder", None)
     if a.embeddings and tokenizer is not None and encoder is not None:
-        check_embeddings(encoder, a.embeddings, str(path))  # before anything changes
+        check_embeddings(encoder, a.embeddings, str(path), tokenizer)  # before anything changes
     elif a.embeddings:
         warn(f"{path} also holds learned token embeddings {sorted(a.embeddings)}, which need the tokenizer; "
              "load the file onto the pipeline to get them")
@@ -258,10 +258,11 @@ def load(model: nn.Module, path, name: str | None = None, allow_pickle: bool = F
         i = 2
         while name in taken:
             name, i = f"{base}_{i}", i + 1
-    if a.modules or a.saved or not a.embeddings:  # a file of token embeddings alone adds no adapter
-        name = canonical.apply(model, a, name, source=str(path), component=component)
+    owner = None  # a file of token embeddings alone adds no adapter, and its tokens stay
+    if a.modules or a.saved or not a.embeddings:
+        name = owner = canonical.apply(model, a, name, source=str(path), component=component)
     if a.embeddings and tokenizer is not None and encoder is not None:
-        add_tokens(tokenizer, encoder, a.embeddings, str(path))
+        add_tokens(tokenizer, encoder, a.embeddings, str(path), owner)  # delete(name) removes them
     return name
 
 

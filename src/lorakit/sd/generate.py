@@ -12,6 +12,7 @@ from lorakit.core.components import as_module
 from lorakit.core.errors import LoraError
 from lorakit.core.guard import route
 from lorakit.core.model import delete, lora_modules, merge, set_weights
+from lorakit.formats.embeddings import keep_tokens
 from lorakit.formats.io import base_model, load, parse_adapter
 from lorakit.sd.pipeline import load_pipeline as load_base
 
@@ -77,6 +78,7 @@ def load_pipeline(model: str | None, loras: list[str], prompt: str, lora_dir: st
                 weights[name] = te if parts <= TEXT else un
             continue
         # different weights for the text encoder and the UNet: each part becomes its own adapter
+        keep_tokens(as_module(pipe), name)  # its learned tokens stay for the per-component loads below
         delete(pipe, name)
         for comp in sorted(parts):
             weights[load(getattr(pipe, comp), path, name=f"lora{k}_{comp}", component=comp)] = te if comp in TEXT else un
