@@ -101,6 +101,9 @@ def test_a_folder_holding_a_run_is_refused_unless_resumed_alike_or_overwritten(t
     assert main([*args, "--resume", "--r", "2"]) == 2  # another run's settings: refused, naming them
     assert "lora.r was 4, now 2" in capsys.readouterr().err
     assert main([*args, "--resume", "--overwrite"]) == 2
+    (tmp_path / "run" / "run.json").write_text("{not json")
+    assert main([*args, "--resume"]) == 2
+    assert "run.json is not valid JSON" in capsys.readouterr().err
     assert main([*args, "--overwrite", "--max-steps", "2"]) == 0  # the old run's files go first
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000001"]
     assert [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2]

@@ -122,7 +122,10 @@ def open_folder(out: Path, current: dict, resume: bool, overwrite: bool, acc):
         if not (out / "run.json").exists():
             raise LoraError(f"{out} holds a run without run.json (an older lorakit's?), so --resume cannot check that "
                             "it is this run; pass --overwrite to replace it, or choose another --out")
-        old = json.loads((out / "run.json").read_text())
+        try:
+            old = json.loads((out / "run.json").read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise LoraError(f"{out / 'run.json'} is not valid JSON ({e}); pass --overwrite to replace the run") from None
         if diff := [k for k in sorted(old.keys() | current.keys()) if old.get(k) != current.get(k)]:
             raise LoraError(f"{out} holds a different run, so --resume would mix the two: " + "; ".join(
                 f"{k} was {old.get(k)!r}, now {current.get(k)!r}" for k in diff[:4]) +
