@@ -78,4 +78,4 @@ def test_embedded_smollm2_answers_a_question():
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     out = model.generate(ids, max_new_tokens=12, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids.shape[1]:]) and base == "smollm2-135m"
+    assert "Paris" in tok.decode(out[0, ids.shape[1]:]) and base == "HuggingFaceTB/SmolLM2-135M-Instruct"

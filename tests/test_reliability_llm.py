@@ -94,3 +94,51 @@ def test_keep_out_checks_the_users_exclude_entries(tmp_path, save_tiny):
     with pytest.raises(LoraError, match="exclude entry 'q_prj' matches no module"):
         keep_out(model, ["q_prj"], ["lm_head"])
     assert keep_out(model, None, []) is None and keep_out(model, ["q_proj"], []) == ["q_proj"]
+
+
+# --- 3. the embedded defaults are recorded by their hub id --------------------------------------------------------
+SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_adapters_on_an_embedded_default_record_its_hub_id_which_finds_it_again(tmp_path, save_tiny, monkeypatch):
+    from lorakit.formats.io import read
+    from lorakit.llm import pretrained
+    from lorakit.llm.generate import load_model
+
+    folder = save_tiny(tmp_path / "m")
+    monkeypatch.setattr(pretrained, "embedded_path", lambda name: folder)  # stands in for the installed package
+    assert pretrained.hub_id("minilm-l6") == "sentence-transformers/all-MiniLM-L6-v2"
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "a b c"}] * 8)
+    train(config(tmp_path, "smollm2-135m", data, targets=["q_proj"]))
+    adapter = tmp_path / "run" / "adapter.safetensors"
+    assert read(adapter)[0].base_model == SMOL
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert yaml.safe_load(card.split("---")[1])["base_model"] == SMOL and f"of `{SMOL}` trained" in card
+    assert pretrained.resolve(SMOL) == folder  # the recorded id loads the embedded copy, no network needed
+    model, _ = load_model(None, [str(adapter)])
+    assert type(model).__name__ == "LlamaForCausalLM"
+
+
+def test_the_hub_id_of_an_uninstalled_embedded_default_stays_a_hub_id(monkeypatch):
+    from lorakit.llm import pretrained
+
+    def missing(name):
+        raise LoraError(f"model {name!r} comes from a package that is not installed")
+
+    monkeypatch.setattr(pretrained, "embedded_path", missing)
+    assert pretrained.resolve(SMOL) == SMOL
+    with pytest.raises(LoraError, match="not installed"):
+        pretrained.resolve("smollm2-135m")
+
+
+# --- 4. an unreachable hub id ------------------------------------------------------------------------------------
+def test_an_unreachable_hub_id_is_one_error_line_not_a_traceback(tmp_path):
+    data = write_jsonl(tmp_path / "x.jsonl", [{"text": "a b"}])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-m", "lorakit.cli", "train", "--model", "nobody/nothing", "--data",
+                           str(data), "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("lorakit: error:")]
+    assert len(lines) == 1 and "'nobody/nothing'" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
+    assert "check the hub id, or the path" in lines[0]

@@ -271,13 +271,13 @@ class Trainer:
 
     def card(self, result: dict) -> tuple[dict, str, dict]:
         cfg, full = self.cfg, self.cfg.full_finetune
-        front = {"base_model": cfg.model, "library_name": "lorakit", "task": cfg.task,
+        front = {"base_model": self.base, "library_name": "lorakit", "task": cfg.task,
                  "r": None if full else cfg.lora.r, "alpha": None if full else cfg.lora.alpha,
                  "targets": "all weights" if full else cfg.lora.targets, "data": cfg.data,
                  "steps": result["steps"], "trainable_params": result["trainable_params"],
                  "metrics": {k: v for k, v in result.items() if k.startswith(("eval_", "final_"))}}
         if self.labels:
             front["labels"] = list(self.labels)
-        body = (f"A {'full fine-tune' if full else 'LoRA adapter'} of `{cfg.model}` trained with lorakit on "
+        body = (f"A {'full fine-tune' if full else 'LoRA adapter'} of `{self.base}` trained with lorakit on "
                 f"`{cfg.data}` for {result['steps']} steps.")
         return front, body, asdict(cfg)
