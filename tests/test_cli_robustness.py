@@ -1,13 +1,16 @@
 """The command line under bad input: every mistake ends in one `lorakit: error:` line naming the problem (exit code
 2, no traceback); generate-image's <lora:NAME:TE:UNET> tags for every format; --device for both generate commands."""
 
+import json
 import os
+import shlex
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import _save_tiny, clip_tokenizer, tiny_clip, tiny_unet
 
 import lorakit
 from lorakit.cli import main
@@ -80,3 +83,184 @@ def test_device_cpu_works_and_a_bogus_device_is_one_line(sd_loras, save_tiny, ca
             assert main([*cmd, "--device", bogus]) == 2
             err = capsys.readouterr().err
             assert err.count("\n") == 1 and err.startswith("lorakit: error: --device") and bogus in err, err
+
+
+# --- bad invocations -----------------------------------------------------------------------------------------------
+# (command line, a fragment of its one error line); {d} is the workspace below. TRAIN/SD: a run that would start.
+TRAIN = "train --model {d}/m --data {d}/data.jsonl --out {d}/run --max-steps 1"
+SD = "train-sd --model {d}/pipe --data {d}/images --out {d}/run --max-steps 1"
+IN_PROCESS = [
+    ("inspect {d}/missing.safetensors", "missing.safetensors: no such file"),
+    ("inspect {d}/empty.safetensors", "empty.safetensors: not a readable safetensors file"),
+    ("inspect {d}/corrupt.safetensors", "corrupt.safetensors: not a readable safetensors file"),
+    ("inspect {d}/peft_latin1", "adapter_config.json: not valid JSON ('utf-8' codec can't decode"),
+    ("inspect {d}/peft_badjson", "adapter_config.json: not valid JSON"),
+    ("inspect {d}/nolora", "nolora is a folder without adapter_config.json"),
+    ("inspect {d}/x.bin", "x.bin is a pickle file"),
+    ("inspect {d}/m/model.safetensors", "model.safetensors: not a LoRA file lorakit knows"),
+    ("convert {d}/m.safetensors {d}/o.safetensors --to nope", "argument --to: invalid choice: 'nope'"),
+    ("convert {d}/missing.safetensors {d}/o.safetensors --to kohya", "missing.safetensors: no such file"),
+    ("convert {d}/m.safetensors {d}/data.jsonl --to peft", "data.jsonl is a file; a PEFT adapter is a folder"),
+    ("convert {d}/m.safetensors {d}/o.safetensors --to kohya", "is not in a Stable Diffusion unet or text encoder"),
+    ("convert {d}/m.safetensors /proc/nope/o.safetensors --to lorakit", "/proc/nope: No such file or directory"),
+    ("train --config {d}/missing.yaml", "missing.yaml does not exist"),
+    ("train --config {d}/unknown.yaml", "unknown.yaml: unknown key 'modle'"),
+    ("train --config {d}/latin1.yaml", "latin1.yaml: not UTF-8 text"),
+    ("train --config {d}/broken.yaml", "broken.yaml is not valid YAML"),
+    ("train --config {d}/list.yaml", "list.yaml holds a list"),
+    (TRAIN + " --r 0", "LoraConfig.r must be a positive integer, got 0"),
+    (TRAIN + " --r -2", "LoraConfig.r must be a positive integer, got -2"),
+    (TRAIN + " --lr abc", "--lr: expected a number, got 'abc'"),
+    (TRAIN + " --lr -1", "TrainConfig.lr (--lr) must be more than 0, got -1.0"),
+    (TRAIN + " --batch-size 0", "TrainConfig.batch_size (--batch-size) must be more than 0, got 0"),
+    (TRAIN + " --max-steps -1", "TrainConfig.max_steps (--max-steps) must be more than 0, got -1"),
+    (TRAIN + " --dropout 1.5", "LoraConfig.dropout must be in [0, 1), got 1.5"),
+    (TRAIN + " --targets nonexistent_proj", "targets entry 'nonexistent_proj' matches no module"),
+    (TRAIN.replace("data.jsonl", "missing.jsonl"), "missing.jsonl: no such file"),
+    (TRAIN.replace("data.jsonl", "empty.jsonl"), "empty.jsonl: no examples"),
+    (TRAIN.replace("data.jsonl", "latin1.jsonl"), "latin1.jsonl: not UTF-8 text"),
+    (TRAIN.replace("data.jsonl", "broken.jsonl"), "broken.jsonl:2: not valid JSON"),
+    (TRAIN.replace("{d}/m ", "{d}/pipe "), "pipe: a folder without config.json"),
+    (SD.replace("{d}/pipe", "{d}/missing"), "cannot load the pipeline"),
+    (SD.replace("{d}/pipe", "{d}/m"), "no file named model_index.json"),
+    (SD.replace("{d}/images", "{d}/missing"), "missing: no such image folder"),
+    (SD.replace("{d}/images", "{d}/noimages"), "noimages holds no images"),
+    (SD + " --r 0", "LoraConfig.r must be a positive integer, got 0"),
+    (SD + " --mode bogus", "argument --mode: invalid choice: 'bogus'"),
+    (SD + " --targets nonexistent", "targets entry 'nonexistent' matches no module"),
+    (SD + " --resolution 0", "SDTrainConfig.resolution (--resolution) must be more than 0, got 0"),
+    ("train-sd --config {d}/unknown.yaml", "unknown.yaml: unknown key 'modle'"),
+    ("generate --prompt hi", "give --model, or an adapter whose file records its base model"),
+    ("generate --adapter {d}/missing.safetensors --prompt hi", "missing.safetensors: no such file"),
+    ("generate --model {d}/m --adapter {d}/small.safetensors --prompt a", "small.safetensors was made for base model"),
+    ("generate --model {d}/m --adapter {d}/corrupt.safetensors --prompt a", "not a readable safetensors file"),
+    ("generate --model {d}/m --adapter {d}/m.safetensors", "give --prompt TEXT, or --chat"),
+    ("generate --model {d}/m --prompt a --max-new-tokens -1", "--max-new-tokens: must be a positive integer, got -1"),
+    ("generate --model {d}/m --prompt a --max-new-tokens abc", "--max-new-tokens: invalid positive value: 'abc'"),
+    ("generate --model {d}/m --prompt a --num-beams 0", "--num-beams: must be a positive integer, got 0"),
+    ("generate --model {d}/m --prompt a --device gpu7", "--device 'gpu7' is not a device"),
+    ("generate-image --prompt a", "give --model, or an adapter whose file records its base model"),
+    ("generate-image --model {d}/missing --prompt a", "cannot load the pipeline"),
+    ("generate-image --model {d}/pipe --lora {d}/corrupt.safetensors --prompt a", "not a readable safetensors file"),
+    ("generate-image --model {d}/pipe --lora {d}/small.safetensors --prompt a", "small.safetensors was made for base"),
+    ("generate-image --model {d}/pipe --prompt 'a <lora:nope:1>' --lora-dir {d}", "no LoRA named 'nope'"),
+    ("generate-image --model {d}/pipe --prompt 'a <lora:x:one>'", "prompt tag <lora:x:one>: weights must be numbers"),
+    ("generate-image --model {d}/pipe --prompt a --steps 0", "--steps: must be a positive integer, got 0"),
+    ("generate-image --model {d}/pipe --prompt a --count 0", "--count: must be a positive integer, got 0"),
+    ("generate-image --model {d}/pipe --prompt a --steps 1 --count 1 --size 12", "have to be divisible by 8"),
+    ("generate-image --model {d}/pipe --prompt a --trigger nope", "--trigger 'nope': write NAME=WORD"),
+    ("generate-image --model {d}/pipe --prompt a --steps 1 --count 1 --size 8 --out {d}", "is a folder; give the .png"),
+    ("combine {d}/missing.safetensors --out {d}/c.safetensors", "missing.safetensors: no such file"),
+    ("combine {d}/m.safetensors {d}/small.safetensors --out {d}/c.safetensors", "made for different base models"),
+    ("combine {d}/m.safetensors {d}/m.safetensors --method svd --rank 0 --out {d}/c.safetensors",
+     "--rank must be a positive integer, got 0"),
+    ("combine {d}/m.safetensors {d}/m.safetensors --method ties --density 1.5 --out {d}/c.safetensors",
+     "--method ties needs --density in (0, 1]"),
+    ("combine {d}/m.safetensors {d}/m.safetensors --method svd --dynamic bogus=1 --out {d}/c.safetensors",
+     "dynamic rank rule 'bogus=1'"),
+    ("combine {d}/empty.safetensors {d}/m.safetensors --out {d}/c.safetensors", "not a readable safetensors file"),
+    ("resize {d}/m.safetensors --rank 0 --out {d}/r.safetensors", "--rank must be a positive integer, got 0"),
+    ("resize {d}/m.safetensors --rank -1 --out {d}/r.safetensors", "--rank must be a positive integer, got -1"),
+    ("resize {d}/m.safetensors --out {d}/r.safetensors", "resize needs --rank K or --dynamic RULE"),
+    ("resize {d}/m.safetensors --dynamic energy=2 --out {d}/r.safetensors", "energy must be in (0, 1]"),
+    ("resize {d}/m.safetensors --rank 1 --clamp-quantile 1.5 --out {d}/r.safetensors", "clamp quantile must be in"),
+    ("extract --base {d}/missing --tuned {d}/m --rank 2 --out {d}/e.safetensors", "missing' is not a folder"),
+    ("extract --base {d}/m --tuned {d}/small --rank 2 --out {d}/e.safetensors", "two models of the same architecture"),
+    ("extract --base {d}/m --tuned {d}/tuned --rank 0 --out {d}/e.safetensors", "--rank must be a positive integer"),
+    ("extract --base {d}/m --tuned {d}/m --rank 2 --out {d}/e.safetensors", "weights are identical"),
+    ("extract --base {d}/m --tuned {d}/tuned --rank 2 --targets nope --out {d}/e.safetensors",
+     "targets entry 'nope' matches no module"),
+    ("merge-into --adapter {d}/missing.safetensors --out {d}/merged", "missing.safetensors: no such file"),
+    ("merge-into --model {d}/m --adapter {d}/small.safetensors --out {d}/merged", "was made for base model"),
+    ("merge-into --model {d}/m --adapter {d}/m.safetensors --out {d}/m", "exists; give a new folder"),
+    ("merge-into --adapter {d}/corrupt.safetensors --out {d}/merged", "not a readable safetensors file"),
+    ("analyze {d}/missing.safetensors --out {d}/an", "missing.safetensors: no such file"),
+    ("analyze {d}/m.safetensors --vs {d}/corrupt.safetensors --out {d}/an", "not a readable safetensors file"),
+    ("analyze {d}/m.safetensors --base {d}/small --out {d}/an", "is this the base the adapter was trained on"),
+    ("analyze {d}/m.safetensors --vs {d}/small.safetensors --out {d}/an", "the two A's have widths 16 and 8"),
+    ("analyze {d}/m.safetensors --out {d}/m.safetensors", "m.safetensors is a file; give a folder"),
+    ("analyze {d}/peft_latin1 --out {d}/an", "not valid JSON ('utf-8' codec can't decode"),
+]
+# run as `python -m lorakit.cli` with HF_HUB_OFFLINE=1: hub ids that cannot be fetched, and a file error
+AS_PROCESS = [
+    (TRAIN.replace("{d}/m ", "nobody/no-such-model "), "'nobody/no-such-model'"),
+    ("generate --model nobody/no-such-model --prompt hi", "'nobody/no-such-model'"),
+    ("generate-image --model nobody/no-such-pipe --prompt a", "cannot load the pipeline 'nobody/no-such-pipe'"),
+    ("merge-into --model nobody/no-such-model --adapter {d}/m.safetensors --out {d}/merged",
+     "'nobody/no-such-model'"),
+    ("inspect {d}/corrupt.safetensors", "corrupt.safetensors: not a readable safetensors file"),
+]
+BAD_INVOCATIONS = len(IN_PROCESS) + len(AS_PROCESS)  # the count the README gives
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """Models, adapters and broken files for the table: m (tiny Llama) and m.safetensors on it; small, a Llama of
+    another width, and its adapter; tuned (m with one weight changed); pipe (tiny SD) and images; bad files."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from PIL import Image
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from lorakit.llm import pretrained
+
+    d = tmp_path_factory.mktemp("ws")
+    _save_tiny(d / "m")
+    LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(d / "small")
+    PreTrainedTokenizerFast.from_pretrained(d / "m").save_pretrained(d / "small")
+    for name in ("m", "small"):
+        model, _, _ = pretrained.load(str(d / name))
+        lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, targets=["q_proj", "v_proj"], init=False), name="x")
+        lorakit.save(model, d / f"{name}.safetensors", base_model=str(d / name))
+    tuned, _, _ = pretrained.load(str(d / "m"))
+    with torch.no_grad():
+        tuned.model.layers[0].self_attn.q_proj.weight.add_(0.1)
+    tuned.save_pretrained(d / "tuned")
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, sample_size=16)
+    StableDiffusionPipeline(vae=vae, text_encoder=tiny_clip(), tokenizer=clip_tokenizer(d / "tok"), unet=tiny_unet(),
+                            scheduler=DPMSolverMultistepScheduler(steps_offset=1), safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False).save_pretrained(d / "pipe")
+    for folder in ("images", "noimages", "nolora", "peft_badjson", "peft_latin1"):
+        (d / folder).mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(d / "images" / f"{i}.png")
+    (d / "images" / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": "a dog"}) + "\n"
+                                                         for i in range(2)))
+    for folder, text in (("peft_badjson", b"{not json"), ("peft_latin1", b'{"r": "\xe9"}')):
+        (d / folder / "adapter_config.json").write_bytes(text)
+        (d / folder / "adapter_model.safetensors").write_bytes((d / "m.safetensors").read_bytes())
+    files = {"empty.safetensors": b"", "corrupt.safetensors": b"\x10" + bytes(7) + b'{"a": garbage' + bytes(range(256)),
+             "x.bin": b"PK\x03\x04", "data.jsonl": b'{"text": "a b c a b"}\n' * 8, "empty.jsonl": b"",
+             "broken.jsonl": b'{"text": "a b"}\n{"text": \n', "latin1.jsonl": b'{"text": "caf\xe9"}\n',
+             "latin1.yaml": b"model: caf\xe9\n", "unknown.yaml": b"modle: x\n", "list.yaml": b"- a\n- b\n",
+             "broken.yaml": b"model: [x\n"}
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    return d
+
+
+def test_the_table_is_large():
+    assert BAD_INVOCATIONS >= 30
+
+
+def check_one_error_line(code: int, err: str, fragment: str):
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("lorakit: error:")]
+    assert len(lines) == 1 and fragment in lines[0], err
+
+
+@pytest.mark.parametrize("line, fragment", IN_PROCESS, ids=[c.split(" --out")[0][:70] for c, _ in IN_PROCESS])
+def test_a_bad_invocation_is_one_error_line(ws, line, fragment, capsys, monkeypatch):
+    monkeypatch.chdir(ws)  # generate-image writes images.png here when it (wrongly) succeeds
+    capsys.readouterr()
+    code = main(shlex.split(line.format(d=ws)))
+    check_one_error_line(code, capsys.readouterr().err, fragment)
+
+
+@pytest.mark.parametrize("line, fragment", AS_PROCESS, ids=[c.split(" --")[0][:60] for c, _ in AS_PROCESS])
+def test_a_bad_invocation_in_a_real_process(ws, line, fragment):
+    proc = subprocess.run([sys.executable, "-m", "lorakit.cli", *shlex.split(line.format(d=ws))], cwd=ws,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    check_one_error_line(proc.returncode, proc.stderr, fragment)

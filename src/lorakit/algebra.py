@@ -330,6 +330,8 @@ def extract(base, tuned, rank: int | None = None, dynamic: str | None = None, ta
     exactly. Other changed tensors (norms, biases, heads) are named in a warning: a LoRA cannot hold them."""
     if rank is None and dynamic is None:
         raise LoraError("extract needs --rank K or --dynamic RULE")
+    if rank is not None and rank < 1:
+        raise LoraError(f"--rank must be a positive integer, got {rank}")
     dyn = parse_dynamic(dynamic)
     base, tuned = as_module(base), as_module(tuned)
     have, other = plain_modules(base), plain_modules(tuned)

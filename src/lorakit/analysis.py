@@ -148,6 +148,8 @@ def write(result: dict, out_dir) -> list[Path]:
     from lorakit.formats.io import atomic_write
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise LoraError(f"{out} is a file; give a folder for analysis.json and the plots")
     mods = result["modules"]
     written = [out / "analysis.json"]
     rows = [f" {json.dumps(k)}: {json.dumps(v)}" for k, v in result.items() if k != "modules"]

@@ -52,6 +52,14 @@ def inspect(path: str, allow_pickle: bool = False) -> str:
     return "\n".join(lines)
 
 
+def positive(text: str) -> int:
+    """An argparse type: an integer above 0 (steps, counts, sizes)."""
+    n = int(text)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return n
+
+
 def pick_device(spec: str = "auto"):
     """The torch device for --device: auto is cuda when available, else mps, else cpu; one that is not there (a
     misspelt name, cuda on a machine without it) is a LoraError rather than a crash mid-load."""
@@ -100,6 +108,8 @@ def run_generate_image(args):
                                  guard=args.guard, triggers=triggers)
     images = generate(pipe, prompt, args.negative_prompt, args.count, args.steps, args.guidance, args.seed, args.size)
     out = Path(args.out)
+    if out.is_dir():
+        raise LoraError(f"--out {out} is a folder; give the .png file to write")
     img = grid(images)
     atomic_write(out, lambda tmp: img.save(tmp, format="PNG"))
     print(f"wrote {out} ({len(images)} images for {prompt!r})")
@@ -203,11 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     gi.add_argument("--lora-dir", help="where prompt tags <lora:NAME:W> find NAME.safetensors")
     gi.add_argument("--prompt", required=True)
     gi.add_argument("--negative-prompt")
-    gi.add_argument("--steps", type=int, default=25, help="DPM-Solver++ steps")
+    gi.add_argument("--steps", type=positive, default=25, help="DPM-Solver++ steps")
     gi.add_argument("--guidance", type=float, default=7.5)
     gi.add_argument("--seed", type=int, default=0)
-    gi.add_argument("--size", type=int, help="image side in pixels (default: the model's)")
-    gi.add_argument("--count", type=int, default=4, help="images, laid out as one grid")
+    gi.add_argument("--size", type=positive, help="image side in pixels (default: the model's)")
+    gi.add_argument("--count", type=positive, default=4, help="images, laid out as one grid")
     gi.add_argument("--fuse", action="store_true", help="merge the LoRAs into the weights first (faster)")
     gi.add_argument("--guard", choices=GUARDS, help="hold back burn-out where stacked LoRAs meet (tags included)")
     gi.add_argument("--trigger", action="append", default=[], metavar="NAME=WORD[,WORD]", help="use LoRA NAME (its "
@@ -222,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--chat", action="store_true", help="use the chat template; without --prompt, read turns from stdin")
     g.add_argument("--merge", action="store_true", help="merge the adapters into the weights first (faster)")
     g.add_argument("--guard", choices=GUARDS, help="hold back burn-out where stacked adapters meet")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--num-beams", type=int, default=1)
+    g.add_argument("--max-new-tokens", type=positive, default=128)
+    g.add_argument("--num-beams", type=positive, default=1)
     g.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
     cb = sub.add_parser("combine", help="one adapter from several weighted ones (cat exact; svd, ties, dare, linear)")
     cb.add_argument("files", nargs="+", metavar="F[:W]", help="adapters and their weights (negative allowed)")
@@ -298,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {out}")
     except LoraError as e:
         print(f"lorakit: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system's answer (permission denied, is a directory, disk full): one line too
+        where = e.filename2 or e.filename  # a rename's target, else the file
+        print(f"lorakit: error: {f'{where}: ' if where else ''}{e.strerror or e}", file=sys.stderr)
         return 2
     return 0
 

@@ -66,7 +66,9 @@ def read_yaml(path: str, cls) -> dict:
     if not p.is_file():
         raise LoraError(f"config file {path} does not exist")
     try:
-        values = yaml.safe_load(p.read_text())
+        values = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise LoraError(f"{path}: not UTF-8 text ({e}); re-save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise LoraError(f"{path} is not valid YAML ({' '.join(str(e).split())})") from None
     values = {} if values is None else values
@@ -197,6 +199,11 @@ def describe(tp, short: bool = False) -> str:
         {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
+# settings where 0 or less means nothing sensible (a division by zero, no training step, no image)
+POSITIVE = {"lr", "text_lr", "ti_lr", "epochs", "max_steps", "batch_size", "grad_accum", "max_length", "num_beams",
+            "resolution", "num_validation_images", "validation_steps"}
+
+
 def check(cfg):
     """Convert every field of the config `cfg` to its type in place (TrainConfig(lr="1e-4") is 1e-4), or a LoraError
     naming the first that cannot be."""
@@ -208,3 +215,6 @@ def check(cfg):
                 raise LoraError(f"{type(cfg).__name__}.{f.name}: expected a {tp.__name__}, got {value!r}")
             continue
         setattr(cfg, f.name, convert(value, tp, f"{type(cfg).__name__}.{f.name}"))
+        if f.name in POSITIVE and getattr(cfg, f.name) is not None and getattr(cfg, f.name) <= 0:
+            raise LoraError(f"{type(cfg).__name__}.{f.name} (--{f.name.replace('_', '-')}) must be more than 0, "
+                            f"got {getattr(cfg, f.name)!r}")

@@ -101,5 +101,7 @@ def generate(pipe, prompt: str | list[str], negative_prompt: str | None = None, 
     try:
         return pipe(prompt, negative_prompt=negative_prompt, num_images_per_prompt=count, num_inference_steps=steps,
                     guidance_scale=guidance, generator=g, height=size, width=size).images
+    except ValueError as e:  # the pipeline's own argument checks (a size it cannot take)
+        raise LoraError(f"the pipeline refused: {' '.join(str(e).split())}") from None
     finally:
         pipe.scheduler = old
