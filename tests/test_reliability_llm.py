@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import yaml
-from safetensors import safe_open
 
 from lorakit import LoraError
 from lorakit.llm.data import read_examples
@@ -45,7 +44,7 @@ def test_extra_csv_columns_are_ignored_with_one_notice(tmp_path, capsys):
 
 def test_strict_fields_refuses_extra_fields_with_file_and_line(tmp_path):
     path = write_jsonl(tmp_path / "data.jsonl", [{"text": "a"}, {"text": "b", "id": 2}])
-    with pytest.raises(LoraError, match=f"^{path}:2: fields 'id' are not part of an example.*--strict-fields"):
+    with pytest.raises(LoraError, match=f"^{path}:2: field 'id' is not part of an example.*--strict-fields"):
         read_examples(path, strict_fields=True)
     tsv = tmp_path / "data.tsv"
     tsv.write_text("text\tlabel\tid\na\t1\t7\n")
@@ -63,7 +62,7 @@ def test_train_ignores_extra_fields_unless_strict_fields(tmp_path, save_tiny, ca
     assert main([*args, "--out", str(tmp_path / "run")]) == 0
     assert capsys.readouterr().err.count("ignoring fields id") == 1
     assert main([*args, "--out", str(tmp_path / "strict"), "--strict-fields"]) == 2
-    assert f"{data}:1: fields 'id' are not part of an example" in capsys.readouterr().err
+    assert f"{data}:1: field 'id' is not part of an example" in capsys.readouterr().err
 
 
 # --- 2. classification heads are not LoRA targets ---------------------------------------------------------------

