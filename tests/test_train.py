@@ -143,6 +143,11 @@ def test_gradient_checkpointing_trains_the_same_adapter(setup):
 
 
 def test_bf16_autocast_trains_fp32_adapters(setup):
-    result = train(config(setup, precision="bf16", max_steps=6))
-    assert result["final_loss"] < 2.8
-    assert {t.dtype for t in load_file(result["adapter"]).values()} == {__import__("torch").float32}
+    """bf16 learns as fp32 does (eval loss 2.809 -> 2.622 in both, 3e-5 apart), yet autocast is on (not bit-equal),
+    and the factors stay fp32."""
+    runs = {p: train(config(setup, out=str(setup / p), precision=p, dropout=0.0, eval_data=str(setup / "train.jsonl")))
+            for p in ("fp32", "bf16")}
+    bf16, fp32 = runs["bf16"], runs["fp32"]
+    assert bf16["eval_loss"] < bf16["eval_loss_before"] - 0.15  # it learned
+    assert 0 < abs(bf16["eval_loss"] - fp32["eval_loss"]) < 0.01
+    assert {t.dtype for t in load_file(bf16["adapter"]).values()} == {__import__("torch").float32}
