@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -192,8 +193,27 @@ def _read_tensors(path: Path, allow_pickle: bool) -> tuple[dict, dict]:
 
 def read(path, allow_pickle: bool = False, alpha: float | None = None) -> tuple[canonical.Adapter, str]:
     """(adapter in canonical form, format name) for a lorakit file, PEFT folder, diffusers, kohya/A1111,
-    LyCORIS or cloneofsimo file, or loralib state dict."""
+    LyCORIS or cloneofsimo file, or loralib state dict. Whatever is wrong with the file raises LoraError."""
     path = Path(path)
+    try:
+        a, fmt = _read(path, allow_pickle, alpha)
+    except (IndexError, KeyError, TypeError, AttributeError, ValueError, RuntimeError, ZeroDivisionError, re.error) as e:
+        if isinstance(e, LoraError):
+            raise
+        raise LoraError(f"{path}: a malformed adapter ({type(e).__name__}: {e}); the file may be damaged") from None
+    for p, m in a.modules.items():
+        if isinstance(m.alpha, bool) or not isinstance(m.alpha, (int, float)) or not math.isfinite(m.alpha):
+            raise LoraError(f"{path}: module {p!r} has alpha {m.alpha!r}; alpha must be a finite number")
+    for what, t in [*((f"module {p!r} factor {k}", getattr(m, k)) for p, m in a.modules.items() for k in "AB"),
+                    *((f"bias of {p!r}", b) for p, b in a.biases.items()),
+                    *((f"embedding of token {k!r}", v) for k, v in a.embeddings.items())]:
+        if not t.is_floating_point() or (t.dim() < 2 and what.startswith("module")):
+            raise LoraError(f"{path}: {what} is a {t.dtype} tensor of shape {list(t.shape)}; LoRA factors are "
+                            "floating-point matrices. The file is damaged or not a LoRA adapter")
+    return a, fmt
+
+
+def _read(path: Path, allow_pickle: bool, alpha: float | None) -> tuple[canonical.Adapter, str]:
     if path.is_dir():
         if not (path / peft.CONFIG_NAME).exists():
             raise LoraError(f"{path} is a folder without {peft.CONFIG_NAME}; lorakit reads PEFT adapter folders "

@@ -36,6 +36,9 @@ def read(tensors: dict, config: dict, source: str) -> Adapter:
         if config.get(key):
             raise LoraError(f"{source} uses PEFT's {what} ({key}={config[key]!r}), which lorakit does not support yet")
     alpha, alpha_pattern = config.get("lora_alpha", 8), config.get("alpha_pattern") or {}
+    if not isinstance(alpha_pattern, dict) or not all(isinstance(k, str) for k in alpha_pattern):
+        raise LoraError(f"{source}: alpha_pattern in {CONFIG_NAME} must map module patterns to alphas, "
+                        f"not {alpha_pattern!r}")
     bias = config.get("bias", "none")
     saved_names = config.get("modules_to_save") or []
     a = Adapter({}, bool(config.get("use_rslora", False)), base_model=config.get("base_model_name_or_path"))
