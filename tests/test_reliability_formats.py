@@ -76,6 +76,18 @@ def test_peft_folder_survives_sigkill_as_old_or_new(tmp_path):
     assert seen == {0, 1}  # the kills landed at different points of the writes
 
 
+def test_peft_folder_replaced_where_no_atomic_swap_exists(tmp_path, monkeypatch):
+    """Without renameat2 (not Linux) the old folder is moved aside, then the new one renamed in."""
+    folder = tmp_path / "peft"
+    lorakit.formats.io.write(_adapter(2, 4, 0), folder, "peft")
+    (folder / "README.md").write_text("mine")
+    monkeypatch.setattr(lorakit.formats.io, "_exchange", lambda a, b: False)
+    lorakit.formats.io.write(_adapter(4, 16, 1), folder, "peft")
+    assert _which(folder, [_adapter(2, 4, 0), _adapter(4, 16, 1)]) == 1
+    assert (folder / "README.md").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peft"]  # no temp folder left
+
+
 def test_peft_write_over_a_file_is_refused(tmp_path):
     (tmp_path / "x").write_text("keep")
     with pytest.raises(LoraError, match="is a file"):
@@ -250,3 +262,22 @@ def test_deleting_an_earlier_adapter_keeps_later_tokens_working(tiny_sd, tmp_pat
     assert tiny_sd.tokenizer("<b1>").input_ids[1] == vocab["<b1>"]
     lorakit.delete(tiny_sd, two)
     assert tiny_sd.tokenizer.get_vocab() == before["vocab"]
+
+
+def test_generate_image_keeps_the_tokens_of_a_lora_split_by_component(tiny_sd, tmp_path):
+    """`<lora:NAME:TE:UNET>` with two weights reloads the file per component: its learned tokens must stay."""
+    from lorakit.sd.generate import load_pipeline
+
+    tiny_sd.save_pretrained(tmp_path / "pipe")
+    g = torch.Generator().manual_seed(0)
+    a = Adapter({"text_encoder.encoder.layers.0.self_attn.q_proj": ModuleLora(
+        torch.randn(2, 16, generator=g), torch.randn(16, 2, generator=g), 2.0, "linear"),
+        "unet.down_blocks.0.attentions.0.proj_in": ModuleLora(torch.randn(2, 8, generator=g),
+                                                               torch.randn(8, 2, generator=g), 2.0)},
+        embeddings={"<s1>": torch.randn(16, generator=g)})
+    (tmp_path / "loras").mkdir()
+    lorakit.formats.io.write(a, tmp_path / "loras" / "piv.safetensors")
+    pipe, prompt = load_pipeline(str(tmp_path / "pipe"), [], "a <s1> <lora:piv:0.5:1>", str(tmp_path / "loras"))
+    assert prompt == "a <s1>" and lorakit.active(pipe) == {"lora0_text_encoder": 0.5, "lora0_unet": 1.0}
+    i = pipe.tokenizer.get_vocab()["<s1>"]
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[i], a.embeddings["<s1>"])
