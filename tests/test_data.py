@@ -280,8 +280,13 @@ def test_files_to_batches_that_models_accept(tmp_path, tok):
     rows, names = tokenize_classify([{"text": "good", "label": "pos"}, {"text": "bad film", "label": "neg"}], tok, 8)
     clf = LlamaForSequenceClassification(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                                      num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tok),
-                                                     num_labels=len(names), pad_token_id=tok.pad_token_id))
-    assert clf(**collate(rows, tok.pad_token_id)).loss.isfinite()
+                                                     num_labels=len(names), pad_token_id=tok.pad_token_id)).eval()
+    batch = collate(rows, tok.pad_token_id)
+    assert batch["labels"].tolist() == [names.index("pos"), names.index("neg")]
+    # the shorter, padded row is read as it is alone; the loss is the mean cross-entropy at the given labels
+    out, alone = clf(**batch), torch.cat([clf(**collate([r], tok.pad_token_id)).logits for r in rows])
+    assert torch.allclose(out.logits, alone, atol=1e-5)
+    assert torch.allclose(out.loss, torch.nn.functional.cross_entropy(alone, batch["labels"]), atol=1e-6)
 
 
 def test_tsv_quotes_are_text_as_in_glue_files(tmp_path):
