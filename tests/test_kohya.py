@@ -287,7 +287,10 @@ def kohya_attention_file(unet, path, alphas: dict):
 
 def test_each_modules_own_alpha_is_applied_which_diffusers_0_42_does_not(tiny_sd, tmp_path):
     """Pitfall 1: diffusers maps kohya alphas to `…attn1.processor.to_q_lora` names that match no PEFT module and
-    falls back to the majority alpha. lorakit applies alpha/rank·up·down per module."""
+    falls back to the majority alpha. lorakit applies alpha/rank·up·down per module. diffusers' side is checked only
+    on 0.42.1, where it was observed: a later fix upstream must not fail lorakit's test."""
+    import diffusers
+
     attn = "down_blocks.0.attentions.0.transformer_blocks.0"
     alphas = {f"{attn}.attn1.to_q": 1, f"{attn}.attn1.to_k": 1, f"{attn}.attn2.to_q": 4, f"{attn}.attn2.to_v": 0.5}
     deltas = kohya_attention_file(tiny_sd.unet, tmp_path / "dyn.safetensors", alphas)
@@ -295,10 +298,11 @@ def test_each_modules_own_alpha_is_applied_which_diffusers_0_42_does_not(tiny_sd
     for module, dw in deltas.items():
         with_delta(truth.unet.get_submodule(module), dw)
     lorakit.load(ours, tmp_path / "dyn.safetensors")
-    theirs.load_lora_weights(str(tmp_path / "dyn.safetensors"))
-    want, got, diffusers_out = unet_out(truth.unet), unet_out(ours.unet), unet_out(theirs.unet)
+    want, got = unet_out(truth.unet), unet_out(ours.unet)
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
-    assert (diffusers_out - want).abs().max() > 1e-3  # diffusers 0.42.1 gets this wrong
+    if diffusers.__version__ == "0.42.1":
+        theirs.load_lora_weights(str(tmp_path / "dyn.safetensors"))
+        assert (unet_out(theirs.unet) - want).abs().max() > 1e-3  # diffusers 0.42.1 gets this wrong
 
 
 # --- LyCORIS ---------------------------------------------------------------------------------------
