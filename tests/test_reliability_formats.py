@@ -88,6 +88,14 @@ def test_peft_folder_replaced_where_no_atomic_swap_exists(tmp_path, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["peft"]  # no temp folder left
 
 
+def test_peft_folder_behind_a_symlink_is_replaced_where_it_points(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    lorakit.formats.io.write(_adapter(2, 4, 0), tmp_path / "link", "peft")
+    lorakit.formats.io.write(_adapter(4, 16, 1), tmp_path / "link", "peft")
+    assert (tmp_path / "link").is_symlink() and _which(tmp_path / "real", [_adapter(4, 16, 1)]) == 0
+
+
 def test_peft_write_over_a_file_is_refused(tmp_path):
     (tmp_path / "x").write_text("keep")
     with pytest.raises(LoraError, match="is a file"):

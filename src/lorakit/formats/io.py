@@ -61,6 +61,7 @@ def atomic_write_folder(path: Path, files: dict, replaces: tuple = ()):
     """Write a folder of files {name: write(tmp_path)} as a whole: readers see the old folder or the new one,
     never a mix. The files are written into a temporary folder beside `path`, which is then swapped in; other
     files of an existing folder (a README) are kept, the names in `replaces` dropped."""
+    path = path.resolve() if path.is_symlink() else path  # write where the link points; the link stays
     if path.exists() and not path.is_dir():
         raise LoraError(f"{path} is a file; a PEFT adapter is a folder, give a folder path")
     path.parent.mkdir(parents=True, exist_ok=True)
