@@ -66,7 +66,7 @@ def train_new(digit: int, args, name: str, **kw) -> Path:
     from lorakit.sd import digits
     from lorakit.sd.train import SDTrainConfig, train_sd
 
-    cfg = build(SDTrainConfig, model="digits", mode="dreambooth", data=str(new_data(digit, args)), out=str(WORK / name),
+    cfg = build(SDTrainConfig, overwrite=True, model="digits", mode="dreambooth", data=str(new_data(digit, args)), out=str(WORK / name),
                         instance_prompt=digits.caption(digit), resolution=digits.RESOLUTION, batch_size=4,
                         max_steps=args.steps, r=args.r, alpha=args.r, lr=args.lr, seed=args.seed, cache_latents=True,
                         validation_prompts=[digits.caption(digit)], num_validation_images=8, guidance_scale=3.0)

@@ -96,7 +96,7 @@ def run_one(args) -> dict:
     else:
         full = name == "full"
         lora = LORA.get(name, {})  # full fine-tuning has no LoRA settings
-        cfg = build(TrainConfig, model="smollm2-135m", data=str(Path(args.data_dir) / "valid.txt"), out=str(work / name),
+        cfg = build(TrainConfig, overwrite=True, model="smollm2-135m", data=str(Path(args.data_dir) / "valid.txt"), out=str(work / name),
                           dropout=0.1, lr=args.lr_full if full else args.lr_lora, max_steps=args.steps,
                           batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
                           full_finetune=full, weight_decay=0.01, schedule="cosine", warmup=0.05, **lora)

@@ -67,7 +67,7 @@ def run_one(args) -> dict:
     from lorakit.options import build
 
     r, work = args.one, Path(args.workdir)
-    cfg = build(TrainConfig, model="smollm2-135m", data=args.data, out=str(work / f"r{r}"), r=r, alpha=args.alpha, dropout=0.0,
+    cfg = build(TrainConfig, overwrite=True, model="smollm2-135m", data=args.data, out=str(work / f"r{r}"), r=r, alpha=args.alpha, dropout=0.0,
                       targets=["q_proj", "v_proj"], lr=args.lr, max_steps=args.steps, batch_size=args.batch_size,
                       max_length=args.max_length, seed=args.seed, weight_decay=0.01, schedule="cosine", warmup=0.05)
     train(dataclasses.replace(cfg, out=str(work / f"r{r}-init"), max_steps=1))  # the initial A

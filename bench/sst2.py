@@ -95,7 +95,7 @@ def run_one(args) -> dict:
 
     work = Path(args.workdir)
     full = args.one == "full"
-    cfg = build(TrainConfig, 
+    cfg = build(TrainConfig, overwrite=True,
         model="minilm-l6", task="classify", data=str(work / "train.tsv"), eval_data=str(work / "dev.tsv"),
         out=str(work / f"run-{args.one}"), r=args.r, alpha=args.alpha, dropout=0.05, targets=["query", "value"],
         lr=args.lr_full if full else args.lr_lora, max_steps=args.steps, batch_size=args.batch_size,

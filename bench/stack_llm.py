@@ -128,12 +128,12 @@ def train_one(args) -> dict:
     if args.train == "date":
         rows = demo().make_examples(600, seed=0)
         (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        cfg = build(TrainConfig, model="smollm2-135m", data=str(work / "train.jsonl"), out=str(work / "run"),
+        cfg = build(TrainConfig, overwrite=True, model="smollm2-135m", data=str(work / "train.jsonl"), out=str(work / "run"),
                           targets=args.date_target_list, r=8, alpha=16, dropout=0.0, lr=args.date_lr,
                           max_steps=args.date_steps, batch_size=8,
                           max_length=32, seed=0)
     else:
-        cfg = build(TrainConfig, model="smollm2-135m", data=str(Path(args.data_dir) / "valid.txt"), out=str(work / "run"),
+        cfg = build(TrainConfig, overwrite=True, model="smollm2-135m", data=str(Path(args.data_dir) / "valid.txt"), out=str(work / "run"),
                           targets=["q_proj", "v_proj"], r=8, alpha=16, dropout=0.0, lr=5e-4, max_steps=100,
                           batch_size=8, max_length=96, seed=0)
     t0 = time.perf_counter()
