@@ -43,6 +43,26 @@ def assert_same_adapter(path_a, path_b):
     return a
 
 
+def sd_workspace(pipe, tmp_path, height: int = 12, width: int = 10):
+    """TMP/pipe (the pipeline saved) and TMP/images: 4 random height x width images captioned "a photo of a|b dog"
+    in metadata.jsonl; returns TMP."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    pipe.save_pretrained(tmp_path / "pipe")
+    data = tmp_path / "images"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(data / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"a photo of {'ab'[i % 2]} dog"})
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path
+
+
 @pytest.fixture
 def save_tiny():
     """save_tiny(folder) writes a tiny Llama + word-level tokenizer (words: a b c) and returns the folder."""

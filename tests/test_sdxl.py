@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import sd_workspace
 from PIL import Image
 from safetensors import safe_open
 
@@ -24,16 +25,7 @@ H, W = 12, 10  # training images: resized to 10x8 at resolution 8, centre crop t
 
 @pytest.fixture
 def xl(tiny_sdxl, tmp_path):
-    tiny_sdxl.save_pretrained(tmp_path / "pipe")
-    data = tmp_path / "images"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(data / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", "text": f"a photo of {'ab'[i % 2]} dog"})
-    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return tmp_path
+    return sd_workspace(tiny_sdxl, tmp_path, H, W)
 
 
 def config(tmp, **kw):

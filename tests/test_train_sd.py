@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import assert_same_adapter, killed_at, launch_two
+from conftest import assert_same_adapter, killed_at, launch_two, sd_workspace
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -22,16 +22,7 @@ from lorakit.sd.train import SDTrainConfig, train_sd
 
 @pytest.fixture
 def sd_setup(tiny_sd, tmp_path):
-    tiny_sd.save_pretrained(tmp_path / "pipe")
-    data = tmp_path / "images"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(data / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", "text": f"a photo of {'ab'[i % 2]} dog"})
-    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return tmp_path
+    return sd_workspace(tiny_sd, tmp_path)
 
 
 def config(tmp, **kw):
