@@ -32,18 +32,18 @@ Schedule = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "co
 def run(trainer) -> dict:
     """Drive `trainer` from its last checkpoint (if it resumes) to its last step; returns the run's result.
 
-    The trainer has: acc (accelerate), out (run folder), total (steps), params (name -> trained tensor), opt, sched,
-    stateful (name -> more objects with state_dict/load_state_dict to checkpoint, e.g. a gradient scaler), resume,
-    overwrite, settings (see `settings`), save_every, keep, eval_every; begin(start) -> dict, step(k) -> dict,
-    evaluate(k) -> dict, checkpointed(k), finish(result) -> dict and card(result) -> (front matter, body, settings).
-    Every process runs
-    every named step (a sharded model's forward needs them all); files are written by the main process only."""
+    The trainer has what `setup` gives it (acc, cfg with out/resume/overwrite/save_every/keep, out), free (the
+    settings a resume may change), total (steps), params (name -> trained tensor), opt, sched, stateful (name -> more
+    objects with state_dict/load_state_dict to checkpoint, e.g. a gradient scaler), eval_every; begin(start) -> dict,
+    step(k) -> dict, evaluate(k) -> dict, checkpointed(k), finish(result) -> dict and card(result) -> (front matter,
+    body, settings). Every process runs every named step (a sharded model's forward needs them all); files are
+    written by the main process only."""
     from tqdm.auto import tqdm
 
-    acc, out = trainer.acc, Path(trainer.out)
-    open_folder(out, trainer.settings, trainer.resume, trainer.overwrite, acc)
+    acc, cfg, out = trainer.acc, trainer.cfg, trainer.out
+    open_folder(out, settings(cfg, trainer.free, acc.num_processes), cfg.resume, cfg.overwrite, acc)
     start = 0
-    if trainer.resume and checkpoints(out):
+    if cfg.resume and checkpoints(out):
         start = load_checkpoint(checkpoints(out)[-1], trainer)
     if acc.is_main_process:
         write_metrics(out, [m for m in read_metrics(out) if m["step"] <= start] if start else [])
@@ -61,7 +61,7 @@ def run(trainer) -> dict:
             append_metrics(out, record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
         bar.update(1)
-        if trainer.save_every and (step + 1) % trainer.save_every == 0 and step + 1 < trainer.total:
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < trainer.total:
             save_checkpoint(out, step + 1, trainer)
             trainer.checkpointed(step + 1)
     bar.close()
@@ -76,6 +76,19 @@ def run(trainer) -> dict:
         write_card(out, *trainer.card(result))
     acc.wait_for_everyone()
     return result
+
+
+def setup(trainer, cfg) -> bool:
+    """The set-up both trainers share: accelerate (DDP over gloo when several processes run without GPUs), the config
+    and its run folder, the seeds. Returns whether the processes run on the CPU."""
+    from accelerate import Accelerator
+
+    on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    trainer.acc = Accelerator(cpu=on_cpu)
+    trainer.cfg, trainer.out = cfg, Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    return on_cpu
 
 
 def step_indices(n: int, seed: int, step: int, per_step: int) -> list[int]:
@@ -186,10 +199,10 @@ def _fsync(folder: Path):
 
 def save_checkpoint(out: Path, step: int, trainer):
     """Write RUN/checkpoints/step-N/ atomically (written as .step-N.tmp, then renamed): the trained tensors, the
-    optimizer, schedule and `trainer.stateful`, and every process's RNG states; keep the last `trainer.keep`."""
+    optimizer, schedule and `trainer.stateful`, and every process's RNG states; keep the last `cfg.keep`."""
     from safetensors.torch import save_file
 
-    acc, keep = trainer.acc, trainer.keep
+    acc, keep = trainer.acc, trainer.cfg.keep
     final = out / "checkpoints" / f"step-{step:06d}"
     tmp = out / "checkpoints" / f".step-{step:06d}.tmp"
     if acc.is_main_process:

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import random
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -124,22 +121,14 @@ def train(cfg: TrainConfig, adapt=None) -> dict:
 class Trainer:
     """One LLM run in named steps for lorakit.runner: set-up (here), step, evaluate, finish."""
 
-    name = "train"
+    name, free = "train", FREE
 
     def __init__(self, cfg: TrainConfig, adapt=None):
-        from accelerate import Accelerator
         from transformers import get_scheduler
 
-        # a multi-process launch on a machine without GPUs runs DDP on the CPU (gloo)
-        on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-        self.acc = acc = Accelerator(cpu=on_cpu)  # bf16 is plain autocast, so runs in one process may differ in precision
+        on_cpu = runner.setup(self, cfg)  # bf16 is plain autocast, so runs in one process may differ in precision
+        acc, self.adapt, self.stateful = self.acc, adapt, {}
         self.fsdp = fsdp.setup(acc, cfg, adapt, on_cpu)
-        self.cfg, self.adapt, self.out = cfg, adapt, Path(cfg.out)
-        self.resume, self.overwrite, self.save_every, self.keep = cfg.resume, cfg.overwrite, cfg.save_every, cfg.keep
-        self.settings = runner.settings(cfg, FREE, acc.num_processes)
-        self.stateful = {}
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
 
         examples, self.skipped = datalib.read_examples(cfg.data, cfg.skip_bad, cfg.strict_fields)
         self.labels = datalib.label_names(examples) if cfg.task == "classify" else None

@@ -8,8 +8,6 @@ from (seed, k), so a resumed run ends with the adapter an uninterrupted one woul
 from __future__ import annotations
 
 import contextlib
-import os
-import random
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -179,20 +177,14 @@ class Trainer:
     Under `accelerate launch` each process takes its slice of the global batch (batch_size per process); every
     random draw is made for the whole global batch, and gradients are averaged, so N processes train what one does."""
 
-    name = "train-sd"
+    name, free = "train-sd", FREE
 
     def __init__(self, cfg: SDTrainConfig):
-        from accelerate import Accelerator
         from diffusers import DDPMScheduler
         from transformers import get_scheduler
 
-        on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-        self.acc = acc = Accelerator(cpu=on_cpu)
-        self.cfg, self.out = cfg, Path(cfg.out)
-        self.resume, self.overwrite, self.save_every, self.keep = cfg.resume, cfg.overwrite, cfg.save_every, cfg.keep
-        self.eval_every, self.settings = 0, runner.settings(cfg, FREE, acc.num_processes)
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
+        runner.setup(self, cfg)
+        acc, self.eval_every = self.acc, 0
         self.pipe = pipe = load_pipeline(cfg.model, acc.device)
         self.noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
         unet, text, vae = pipe.unet, pipe.text_encoder, pipe.vae
@@ -305,7 +297,7 @@ class Trainer:
         loss, prior_loss = losses[:b].sum() / n, losses[b:].sum() / n if self.class_data else None
         total_loss = loss + cfg.prior_loss_weight * prior_loss if self.class_data else loss
         self.scaler.scale(total_loss * world).backward()
-        trained = [p for grp in self.groups for p in grp["params"]]
+        trained = list(self.params.values())
         if world > 1:  # average the gradients over processes (done by hand: pivotal switches what trains mid-run)
             for p in trained:
                 if p.grad is not None:
@@ -317,7 +309,7 @@ class Trainer:
         self.scaler.update()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        reduce = (lambda x: acc.reduce(x.detach(), "sum").item()) if world > 1 else (lambda x: x.item())
+        reduce = lambda x: acc.reduce(x.detach(), "sum").item()  # noqa: E731
         record = {"loss": reduce(total_loss), "instance_loss": reduce(loss), "lr": self.sched.get_last_lr()[0],
                   "phase": "inversion" if step < self.ti_steps else "lora"}
         if prior_loss is not None:
