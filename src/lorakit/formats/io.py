@@ -39,13 +39,18 @@ def atomic_write(path: Path, write):
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; give the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: put it straight back)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _exchange(a: str, b: str) -> bool:
@@ -67,8 +72,7 @@ def atomic_write_folder(path: Path, files: dict, replaces: tuple = ()):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
-        umask = os.umask(0)
-        os.umask(umask)
+        umask = _umask()
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes folders private; give the usual permissions
         for name, write_file in files.items():
             write_file(str(tmp / name))
@@ -91,8 +95,13 @@ def atomic_write_folder(path: Path, files: dict, replaces: tuple = ()):
         raise
 
 
+def _plain(tensors: dict) -> dict:
+    """CPU copies that safetensors can write (contiguous, no shared storage)."""
+    return {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+
+
 def _save_tensors(path: Path, tensors: dict, metadata: dict):
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}  # no shared storage
+    tensors = _plain(tensors)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -145,8 +154,7 @@ def write(a: canonical.Adapter, path, format: str = "lorakit", **options) -> Pat
         if path.suffix == ".safetensors":
             raise LoraError(f"{path}: a PEFT adapter is a folder; give a folder path")
         config, tensors = peft.write(a)
-        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}  # no shared storage
-        metadata = {"format": "pt", **_history(a)}
+        tensors, metadata = _plain(tensors), {"format": "pt", **_history(a)}
         atomic_write_folder(path, {peft.WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata=metadata),
                                    peft.CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2))},
                             replaces=(peft.PICKLE_WEIGHTS_NAME,))
