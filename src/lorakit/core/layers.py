@@ -67,6 +67,7 @@ class LoraLayer(nn.Module):
     kernel, stride, padding, dilation, padding mode and groups (r % groups == 0) and B a 1x1 conv
     with the same groups, so the update is itself a conv of W's shape and merges exactly.
     Embedding: A (r x num), B (dim x r), y = E[x] + s * A^T[x] @ B^T; no dropout on indices.
+    Serving: with per-row sets (model.set_rows) each group of rows sharing a set gets its own pair of products.
     """
 
     lora_A: nn.ParameterDict
@@ -83,6 +84,7 @@ class LoraLayer(nn.Module):
         self.lora_merged: dict[str, float] = {}  # the adapters merge() added to the weight
         self.lora_premerge: torch.Tensor | None = None  # the weight as merge() found it, for an exact unmerge
         self.lora_guarded: tuple[torch.Tensor, torch.Tensor] | None = None  # guarded factors of lora_weights
+        self.lora_rows: tuple[int, list] | None = None  # per-row adapter sets: (rows, [(slice or index, A, B)])
         self.disabled = False
         self._lora_hook = self.register_load_state_dict_post_hook(_adapter_keys_optional)
 
@@ -150,7 +152,10 @@ class LoraLayer(nn.Module):
 
     def lora_update(self, x: torch.Tensor, weights: dict[str, float]) -> torch.Tensor:
         """The output added to base(x) by the adapters in `weights`."""
-        A, B = self.lora_factors(weights)
+        return self.lora_apply(x, *self.lora_factors(weights))
+
+    def lora_apply(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """(x·Aᵀ)·Bᵀ for this layer's kind: the two products of every LoRA update."""
         if x.is_floating_point() and x.dtype != A.dtype:
             x = x.to(A.dtype)
         if self.lora_kind in ("linear", "conv1d_t"):
@@ -169,7 +174,11 @@ class LoraLayer(nn.Module):
 
     def forward(self, x, *args, **kwargs):
         y = super().forward(x, *args, **kwargs)
-        if self.disabled or self.lora_merged or not self.lora_weights:
+        if self.disabled or self.lora_merged:
+            return y
+        if self.lora_rows is not None:
+            return self.lora_rows_update(x, y)
+        if not self.lora_weights:
             return y
         by_dropout: dict[float, dict[str, float]] = {}
         for n, w in self.lora_weights.items():
@@ -177,6 +186,20 @@ class LoraLayer(nn.Module):
         for p, weights in by_dropout.items():
             xi = F.dropout(x, p, training=True) if p else x
             y = y + self.lora_update(xi, weights).to(y.dtype)
+        return y
+
+    def lora_rows_update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-row adapter sets (serving): y, computed once for the whole batch, gets each group of rows' update added
+        in place, one pair of products per group (a slice when its rows are contiguous); no dropout."""
+        n, groups = self.lora_rows
+        if x.shape[0] != n:
+            raise LoraError(f"the batch has {x.shape[0]} rows but per-row adapter sets were given for {n}; give one "
+                            "set per row (expanded batches such as beams or num_return_sequences included)")
+        for rows, A, B in groups:
+            if isinstance(rows, slice):
+                y[rows] += self.lora_apply(x[rows], A, B).to(y.dtype)
+            else:
+                y.index_add_(0, rows, self.lora_apply(x.index_select(0, rows), A, B).to(y.dtype))
         return y
 
     # --- merging -------------------------------------------------------------------------------
@@ -296,7 +319,7 @@ def swap_out(module: nn.Module) -> nn.Module:
         if attr in module._modules:
             del module._modules[attr]
     for attr in ("lora_kind", "lora_alpha", "lora_scale", "lora_dropout", "lora_weights", "lora_merged",
-                 "lora_premerge", "lora_guarded", "disabled", "_lora_hook"):
+                 "lora_premerge", "lora_guarded", "lora_rows", "disabled", "_lora_hook"):
         module.__dict__.pop(attr, None)
     module.__class__ = type(module).__mro__[2]
     return module

@@ -224,6 +224,65 @@ def active(model: nn.Module) -> dict[str, float]:
     return {n: out[n] for n in adapters(model) if n in out}
 
 
+@accepts_pipeline
+def set_rows(model: nn.Module, sets: list | None) -> nn.Module:
+    """Give row i of every batch its own adapter set sets[i]: None or {} (the base), a name, or {name: weight} (a
+    weighted stack, negative weights allowed); None instead of a list goes back to the active set.
+
+    For serving many adapters from one base: the base output is computed once for the whole batch and each group of
+    rows with the same set gets one pair of products per layer (contiguous rows: a slice, no copy). Inference only:
+    no dropout, and the factors are read now (set the rows again after changing them).
+    """
+    layers = lora_modules(model)
+    if sets is None:
+        for m in layers.values():
+            if isinstance(m, LoraLayer):
+                m.lora_rows = None
+        return model
+    if any(m.lora_merged for m in layers.values()):
+        raise LoraError("the model has merged adapters; unmerge(model) before giving rows their own adapters")
+    wanted = [_as_weights(s) for s in sets]
+    _known(model, {n for w in wanted for n in w})
+    for path, m in layers.items():
+        if isinstance(m, SavedModule) and (hit := {n for w in wanted for n in w} & set(m.lora_names())):
+            raise LoraError(f"adapter {sorted(hit)[0]!r} replaces module {path!r} whole (modules_to_save); per-row "
+                            "sets take LoRA layers only: serve it alone (set_weights) or merge it")
+    groups: dict[tuple, list[int]] = {}
+    for i, w in enumerate(wanted):
+        groups.setdefault(tuple(w.items()), []).append(i)
+    with torch.no_grad():
+        for m in layers.values():
+            if not isinstance(m, LoraLayer):
+                continue
+            here = []
+            for key, rows in groups.items():
+                weights = {n: w for n, w in key if n in m.lora_A}
+                if weights:
+                    idx = slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] == len(rows) - 1 else \
+                        torch.tensor(rows, device=m.weight.device)
+                    here.append((idx, *m.lora_factors(weights)))
+            m.lora_rows = (len(wanted), here)
+    return model
+
+
+def _as_weights(s) -> dict[str, float]:
+    if s is None or isinstance(s, str):
+        return {s: 1.0} if s else {}
+    if not isinstance(s, dict):
+        s = {n: 1.0 for n in s}
+    return {n: float(w) for n, w in s.items()}
+
+
+@contextlib.contextmanager
+def per_row(model: nn.Module, sets: list):
+    """Within the block, row i of every batch gets adapter set sets[i] (see set_rows)."""
+    set_rows(model, sets)
+    try:
+        yield model
+    finally:
+        set_rows(model, None)
+
+
 @contextlib.contextmanager
 def disabled(model: nn.Module):
     """Within the block the model computes its base function (merged layers are unmerged meanwhile)."""
