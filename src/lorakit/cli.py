@@ -94,6 +94,32 @@ def run_generate(args):
             print(complete(model, tokenizer, [line.strip()], **kw)[0], flush=True)
 
 
+def run_serve(args):
+    import re
+
+    from lorakit.formats.io import base_model
+    from lorakit.llm.server import serve
+
+    paths = {}
+    for spec in args.adapter:
+        name, sep, path = spec.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", name) or not path:
+            raise LoraError(f"--adapter {spec!r}: write NAME=PATH, NAME a word of letters, digits, '_' or '-'")
+        paths[name] = path
+    if args.adapter_dir:
+        folder = Path(args.adapter_dir)
+        if not folder.is_dir():
+            raise LoraError(f"--adapter-dir {folder}: no such folder")
+        for f in sorted(folder.iterdir()):
+            if f.suffix == ".safetensors" or (f / "adapter_config.json").is_file():
+                paths.setdefault(re.sub(r"[^A-Za-z0-9_\-]", "_", f.stem), str(f))
+    for name, path in paths.items():
+        if not Path(path).exists():
+            raise LoraError(f"--adapter {name}={path}: no such file or folder")
+    serve(base_model(args.model, list(paths.values())), paths, args.host, args.port, args.max_batch, args.max_queue,
+          args.allow_runtime_loading, pick_device(args.device), args.allow_pickle)
+
+
 def run_generate_image(args):
     from lorakit.sd.generate import generate, load_pipeline
     from lorakit.sd.images import grid
@@ -191,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     from lorakit.sd.train import SDTrainConfig
 
     parser = Parser(prog="lorakit", description="LoRA adapters: train, generate, inspect, convert, "
-                                     "combine, resize, extract, merge-into, analyze.")
+                                     "combine, resize, extract, merge-into, analyze, serve.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="describe an adapter file or PEFT folder")
     p.add_argument("file")
@@ -235,6 +261,21 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--max-new-tokens", type=positive, default=128)
     g.add_argument("--num-beams", type=positive, default=1)
     g.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
+    sv = sub.add_parser("serve", help="an OpenAI-compatible server: one base model, many adapters, each request "
+                        "naming its adapter in `model` (continuous batching, one batch for all adapters)")
+    sv.add_argument("--model", help="base model (default: the one recorded in the first adapter)")
+    sv.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="an adapter served as "
+                    "model NAME (any format lorakit reads); repeat for several")
+    sv.add_argument("--adapter-dir", metavar="DIR", help="also serve every .safetensors file and PEFT folder in DIR, "
+                    "named by its file name")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000, help="0: a free port (the URL is printed)")
+    sv.add_argument("--max-batch", type=positive, default=16, help="requests decoded together")
+    sv.add_argument("--max-queue", type=positive, default=64, help="requests waiting beyond those; more get 429")
+    sv.add_argument("--allow-runtime-loading", action="store_true", help="enable POST /v1/load_lora_adapter and "
+                    "/v1/unload_lora_adapter (vLLM's endpoints)")
+    sv.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt adapter files (weights only)")
+    sv.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
     cb = sub.add_parser("combine", help="one adapter from several weighted ones (cat exact; svd, ties, dare, linear)")
     cb.add_argument("files", nargs="+", metavar="F[:W]", help="adapters and their weights (negative allowed)")
     cb.add_argument("--method", default="cat", choices=METHODS)
@@ -291,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(f"{k}: {v}" for k, v in result.items()))
         elif args.command == "generate-image":
             run_generate_image(args)
+        elif args.command == "serve":
+            run_serve(args)
         elif args.command == "analyze":
             run_analyze(args)
         elif args.command == "combine":
