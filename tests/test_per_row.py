@@ -67,18 +67,30 @@ def test_generate_with_the_kv_cache_gives_each_row_its_own_greedy_tokens(dtype):
         assert out[i].tolist() == single[0, len(p):].tolist(), f"row {i} ({s})"
 
 
-def test_one_pair_of_products_per_group_and_the_base_once(monkeypatch):
+def test_one_pair_of_batched_products_for_all_groups_and_the_base_once(monkeypatch):
     m = tiny()
     layer = m.model.layers[0].self_attn.q_proj
-    calls, base = [], []
-    orig = LoraLayer.lora_apply
-    monkeypatch.setattr(LoraLayer, "lora_apply", lambda self, x, A, B: (calls.append(x.shape[0]) if self is layer
-                                                                       else None, orig(self, x, A, B))[1])
-    layer.register_forward_hook(lambda mod, inp, out: base.append(inp[0].shape[0]))
+    inside, bmm, base = [], [], []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b: (bmm.append((a.shape, b.shape)) if inside else None,
+                                                    real_bmm(a, b))[1])
+    layer.register_forward_pre_hook(lambda mod, inp: (inside.append(1), base.append(inp[0].shape[0]))[0] and None)
+    layer.register_forward_hook(lambda mod, inp, out: inside.clear())
     with torch.no_grad(), lorakit.per_row(m, ["a", "a", "b", "a", None, "b"]):
         m(torch.randint(1, 64, (6, 4)))
     assert base == [6]  # the base layer ran once, on all six rows
-    assert sorted(calls) == [2, 3]  # rows 0,1,3 (a) in one product pair, rows 2,5 (b) in another; row 4 none
+    # groups a (rows 0, 1, 3) and b (2, 5; padded to 3 rows) in one pair of batched products; row 4 none
+    assert bmm == [((2, 3 * 4, 32), (2, 32, 4)), ((2, 3 * 4, 4), (2, 4, 32))]
+
+
+@pytest.mark.parametrize("sets", [["a", "a", None], ["a", None, "a"], [{"b": 2.0}, "a", {"b": 2.0}], [None, None]])
+def test_single_group_layers_use_a_slice_or_an_index_and_stay_exact(sets):
+    m = tiny()
+    x = torch.randint(1, 64, (len(sets), 5))
+    with torch.no_grad(), lorakit.per_row(m, sets):
+        y = m(x).logits
+    for i, s in enumerate(sets):
+        assert (y[i] - alone(m, s, lambda: m(x[i: i + 1]).logits)[0]).abs().max() <= 1e-5
 
 
 def test_rows_must_match_the_batch_and_name_known_adapters():

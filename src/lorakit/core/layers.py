@@ -84,7 +84,7 @@ class LoraLayer(nn.Module):
         self.lora_merged: dict[str, float] = {}  # the adapters merge() added to the weight
         self.lora_premerge: torch.Tensor | None = None  # the weight as merge() found it, for an exact unmerge
         self.lora_guarded: tuple[torch.Tensor, torch.Tensor] | None = None  # guarded factors of lora_weights
-        self.lora_rows: tuple[int, list] | None = None  # per-row adapter sets: (rows, [(slice or index, A, B)])
+        self.lora_rows: tuple | None = None  # per-row adapter sets, from lora_route
         self.disabled = False
         self._lora_hook = self.register_load_state_dict_post_hook(_adapter_keys_optional)
 
@@ -188,13 +188,47 @@ class LoraLayer(nn.Module):
             y = y + self.lora_update(xi, weights).to(y.dtype)
         return y
 
+    def lora_route(self, n: int, groups: list[tuple[list[int], dict[str, float]]]):
+        """Give each group of a batch's n rows its adapter set (model.set_rows); the factors are read now. Linear
+        layers with several groups stack the groups' factors (zero-padded to one rank) for batched products."""
+        here = []
+        for rows, weights in groups:
+            if weights := {k: w for k, w in weights.items() if k in self.lora_A}:
+                here.append((rows, *self.lora_factors(weights)))
+        stacked = None
+        if len(here) > 1 and self.lora_kind in ("linear", "conv1d_t"):
+            G, R, size = len(here), max(A.shape[0] for _, A, _ in here), max(len(rows) for rows, _, _ in here)
+            A0, B0 = here[0][1], here[0][2]
+            At, Bt = A0.new_zeros(G, A0.shape[1], R), B0.new_zeros(G, R, B0.shape[0])
+            index = torch.empty(G, size, dtype=torch.long)
+            for g, (rows, A, B) in enumerate(here):
+                At[g, :, : A.shape[0]], Bt[g, : B.shape[1]] = A.T, B.T
+                index[g] = torch.tensor(rows + rows[:1] * (size - len(rows)))  # a group's spare slots repeat a row
+            kept = [g * size + i for g, (rows, _, _) in enumerate(here) for i in range(len(rows))]
+            dev = self.weight.device
+            stacked = (index.flatten().to(dev), torch.tensor(kept, device=dev) if len(kept) < G * size else None,
+                       torch.tensor([r for rows, _, _ in here for r in rows], device=dev), At, Bt)
+        else:
+            here = [(slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] == len(rows) - 1 else
+                     torch.tensor(rows, device=self.weight.device), A, B) for rows, A, B in here]
+        self.lora_rows = (n, here, stacked)
+
     def lora_rows_update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Per-row adapter sets (serving): y, computed once for the whole batch, gets each group of rows' update added
-        in place, one pair of products per group (a slice when its rows are contiguous); no dropout."""
-        n, groups = self.lora_rows
+        """Per-row adapter sets (serving): y, computed once for the whole batch, gets each group's update added in
+        place without dropout: one pair of batched products for all groups of a linear layer (each group's rows
+        gathered, as segmented gather kernels do), else one pair per group (a slice when its rows are contiguous)."""
+        n, groups, stacked = self.lora_rows
         if x.shape[0] != n:
             raise LoraError(f"the batch has {x.shape[0]} rows but per-row adapter sets were given for {n}; give one "
                             "set per row (expanded batches such as beams or num_return_sequences included)")
+        if stacked is not None:
+            index, kept, rows, At, Bt = stacked
+            G, d = At.shape[0], x.shape[-1]
+            xs = x.reshape(n, -1, d).index_select(0, index).to(At.dtype)  # (G·size, T, in)
+            u = torch.bmm(torch.bmm(xs.reshape(G, -1, d), At), Bt).reshape(len(index), -1, Bt.shape[-1])
+            u = u if kept is None else u.index_select(0, kept)
+            y.view(n, -1, y.shape[-1]).index_add_(0, rows, u.to(y.dtype))
+            return y
         for rows, A, B in groups:
             if isinstance(rows, slice):
                 y[rows] += self.lora_apply(x[rows], A, B).to(y.dtype)

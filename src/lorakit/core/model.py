@@ -229,9 +229,9 @@ def set_rows(model: nn.Module, sets: list | None) -> nn.Module:
     """Give row i of every batch its own adapter set sets[i]: None or {} (the base), a name, or {name: weight} (a
     weighted stack, negative weights allowed); None instead of a list goes back to the active set.
 
-    For serving many adapters from one base: the base output is computed once for the whole batch and each group of
-    rows with the same set gets one pair of products per layer (contiguous rows: a slice, no copy). Inference only:
-    no dropout, and the factors are read now (set the rows again after changing them).
+    For serving many adapters from one base: the base output is computed once for the whole batch; rows with the same
+    set form a group, and a layer runs one pair of batched products for all its groups (LoraLayer.lora_rows_update).
+    Inference only: no dropout, and the factors are read now (set the rows again after changing them).
     """
     layers = lora_modules(model)
     if sets is None:
@@ -252,16 +252,8 @@ def set_rows(model: nn.Module, sets: list | None) -> nn.Module:
         groups.setdefault(tuple(w.items()), []).append(i)
     with torch.no_grad():
         for m in layers.values():
-            if not isinstance(m, LoraLayer):
-                continue
-            here = []
-            for key, rows in groups.items():
-                weights = {n: w for n, w in key if n in m.lora_A}
-                if weights:
-                    idx = slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] == len(rows) - 1 else \
-                        torch.tensor(rows, device=m.weight.device)
-                    here.append((idx, *m.lora_factors(weights)))
-            m.lora_rows = (len(wanted), here)
+            if isinstance(m, LoraLayer):
+                m.lora_route(len(wanted), [(rows, dict(key)) for key, rows in groups.items()])
     return model
 
 
