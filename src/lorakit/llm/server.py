@@ -29,8 +29,14 @@ class ApiError(Exception):
         self.status, self.message, self.code, self.param = status, message, code, param
 
 
+# fields that would change the output and that lorakit does not implement: refused rather than ignored
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "presence_penalty", "frequency_penalty",
+               "logit_bias", "tools", "functions", "response_format", "min_tokens")
+
+
 class Sampling(BaseModel):
-    """The fields both endpoints share; unknown fields (user, logit_bias, ...) are accepted and ignored."""
+    """The fields both endpoints share; other fields (user, metadata, ...) are accepted and ignored, except the
+    output-changing ones lorakit does not implement (UNSUPPORTED), which are refused when set."""
 
     model_config = ConfigDict(extra="allow")
     model: str
@@ -90,11 +96,15 @@ def create_app(engine: engine_mod.Engine, model_name: str, paths: dict[str, str]
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}", "invalid_json") from None
         try:
-            return cls.model_validate(data)
+            body = cls.model_validate(data)
         except ValidationError as e:
             err = e.errors()[0]
             where = ".".join(str(p) for p in err["loc"])
             raise ApiError(400, f"{where}: {err['msg']}", "invalid_value", where or None) from None
+        for name, value in (body.model_extra or {}).items():
+            if name in UNSUPPORTED and value not in (None, False, 0, [], {}):
+                raise ApiError(400, f"{name}: not supported by lorakit serve; leave it out", "unsupported", name)
+        return body
 
     def adapter_set(body: Sampling) -> dict[str, float]:
         have = adapter_names(engine.model)
