@@ -238,6 +238,8 @@ def test_errors_get_openai_json_and_the_server_keeps_serving(server, small):
         complete(c, "a", " ".join(["w1"] * 5000))
     with pytest.raises(openai.BadRequestError, match="no adapter named 'zz'"):
         complete(c, "base", "w1", extra_body={"adapters": {"a": 1, "zz": 0.5}})
+    with pytest.raises(openai.BadRequestError, match="prompt is empty"):
+        complete(c, "a", "")
     with pytest.raises(openai.BadRequestError, match="presence_penalty: not supported"):
         c.completions.create(model="a", prompt="w1", presence_penalty=0.5)
     status, text = http(server.url + "/completions", b'{"model": "a", "prompt": ')

@@ -82,6 +82,9 @@ def create_app(engine: engine_mod.Engine, model_name: str, paths: dict[str, str]
     app = FastAPI(title="lorakit serve")
     tok = engine.tokenizer
     created = int(time.time())
+    # the served adapters (name -> path): requests are checked against this, not the model, which the engine's
+    # thread changes while loading and unloading
+    paths = {**{n: n for n in adapter_names(engine.model)}, **paths}
 
     @app.exception_handler(ApiError)
     async def api_error(_, e: ApiError):
@@ -107,7 +110,7 @@ def create_app(engine: engine_mod.Engine, model_name: str, paths: dict[str, str]
         return body
 
     def adapter_set(body: Sampling) -> dict[str, float]:
-        have = adapter_names(engine.model)
+        have = list(paths)
         if body.model not in (model_name, "base", "", *have):
             raise ApiError(404, f"the model `{body.model}` does not exist; GET /v1/models lists {model_name!r} and "
                                 f"the adapters {have}", "model_not_found", "model")
@@ -119,6 +122,8 @@ def create_app(engine: engine_mod.Engine, model_name: str, paths: dict[str, str]
         return {body.model: 1.0} if body.model in have else {}
 
     def requests_for(body: Sampling, ids: list[int], max_tokens: int | None) -> list[engine_mod.Request]:
+        if not ids:
+            raise ApiError(400, "the prompt is empty; give some text", "invalid_value", "prompt")
         if len(ids) >= engine.context:
             raise ApiError(400, f"the prompt has {len(ids)} tokens; this model's context is {engine.context} tokens. "
                                 "Shorten the prompt", "context_length_exceeded", "messages" if
@@ -181,7 +186,7 @@ def create_app(engine: engine_mod.Engine, model_name: str, paths: dict[str, str]
                 "parent": None}
         return {"object": "list", "data": [base] + [
             {"id": n, "object": "model", "created": created, "owned_by": "lorakit", "root": paths.get(n, n),
-             "parent": model_name} for n in adapter_names(engine.model)]}
+             "parent": model_name} for n in paths]}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -257,7 +262,7 @@ def create_app(engine: engine_mod.Engine, model_name: str, paths: dict[str, str]
     async def load_adapter(request: Request):
         runtime_loading()
         body = await parse(request, LoadBody)
-        if body.lora_name in (model_name, "base") or body.lora_name in adapter_names(engine.model):
+        if body.lora_name in (model_name, "base") or body.lora_name in paths:
             raise ApiError(400, f"lora_name: {body.lora_name!r} is taken; unload it first or pick another name",
                            "adapter_exists", "lora_name")
         if not Path(body.lora_path).exists():
@@ -282,11 +287,12 @@ def create_app(engine: engine_mod.Engine, model_name: str, paths: dict[str, str]
     async def unload_adapter(request: Request):
         runtime_loading()
         body = await parse(request, UnloadBody)
-        if body.lora_name not in adapter_names(engine.model):
+        if body.lora_name not in paths:
             raise ApiError(404, f"lora_name: no adapter named {body.lora_name!r}", "adapter_not_found", "lora_name")
         if busy := engine.in_use(body.lora_name):
             raise ApiError(400, f"adapter {body.lora_name!r} is in use by {busy} requests; unload it when they are "
                                 "done", "adapter_in_use", "lora_name")
+        paths.pop(body.lora_name)  # no new request can name it from here on
 
         def do():
             with engine.lock:
@@ -294,7 +300,6 @@ def create_app(engine: engine_mod.Engine, model_name: str, paths: dict[str, str]
                 engine.changed()
 
         await asyncio.to_thread(do)
-        paths.pop(body.lora_name, None)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.get("/health")
