@@ -110,8 +110,8 @@ def server(work):
 
 @pytest.fixture(scope="module")
 def small(work):
-    """One row at a time, one waiting, no runtime loading."""
-    s = Server("--model", work["model"], "--adapter", f"a={work['a']}", "--max-batch", "1", "--max-queue", "1")
+    """One row at a time, one waiting, no runtime loading; the adapters of a folder."""
+    s = Server("--model", work["model"], "--adapter-dir", work["dir"], "--max-batch", "1", "--max-queue", "1")
     yield s
     s.close()
 
@@ -267,11 +267,11 @@ def test_a_full_queue_answers_429_and_a_client_that_leaves_frees_its_slot(small)
     assert complete(c, "a", "w2", 3)
 
 
-def test_serve_cli_errors_are_one_line(work, capsys):
-    for args, words in [(["--adapter", "bad name=x"], "NAME=PATH"), (["--adapter", "a=/no/such"], "no such file"),
-                        (["--adapter-dir", "/no/such"], "no such folder")]:
-        assert main(["serve", "--model", str(work["model"]), *args]) == 2
-        assert words in capsys.readouterr().err
+def test_adapter_dir_serves_each_adapter_file_in_it(small, work):
+    assert [m.id for m in small.client.models.list().data] == [str(work["model"]), "a", "b", "c"]
+
+
+def test_a_port_in_use_is_one_error_line(work, capsys):  # the other bad invocations: test_cli_robustness.py
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
