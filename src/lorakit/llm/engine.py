@@ -129,11 +129,10 @@ class Engine:
                     self._finish(r, "cancelled")
                 joiners = [self.waiting.popleft() for _ in range(min(len(self.waiting),
                                                                      self.max_batch - len(self.running)))]
-            with self.lock:
+            with self.lock, torch.inference_mode():
                 batch = joiners or self.running
                 try:
-                    with torch.inference_mode():
-                        self._prefill(joiners) if joiners else self._decode()
+                    self._prefill(joiners) if joiners else self._decode()
                 except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the server
                     for r in batch:
                         self._finish(r, f"error: {type(e).__name__}: {e}")
