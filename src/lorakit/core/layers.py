@@ -85,6 +85,9 @@ class LoraLayer(nn.Module):
         self.lora_premerge: torch.Tensor | None = None  # the weight as merge() found it, for an exact unmerge
         self.lora_guarded: tuple[torch.Tensor, torch.Tensor] | None = None  # guarded factors of lora_weights
         self.lora_rows: tuple | None = None  # per-row adapter sets, from lora_route
+        self.lora_slots: dict[tuple, tuple[int, tuple]] = {}  # adapter set -> (slot, stamp), most recent last
+        self.lora_slot_A: torch.Tensor | None = None  # (slots, R, in): each slot's A, zero-padded to rank R
+        self.lora_slot_B: torch.Tensor | None = None  # (slots, R, out): each slot's (w·s·B)ᵀ
         self.disabled = False
         self._lora_hook = self.register_load_state_dict_post_hook(_adapter_keys_optional)
 
@@ -111,6 +114,7 @@ class LoraLayer(nn.Module):
                 nn.init.zeros_(B) if init else nn.init.kaiming_uniform_(B, a=math.sqrt(5))
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
+        self.lora_slots = {}
         self.lora_alpha[name] = alpha
         self.lora_scale[name] = scale
         self.lora_dropout[name] = 0.0 if self.lora_kind == "embedding" else dropout
@@ -124,6 +128,7 @@ class LoraLayer(nn.Module):
         for d in (self.lora_alpha, self.lora_scale, self.lora_dropout, self.lora_weights):
             d.pop(name, None)
         self.lora_guarded = None
+        self.lora_slots = {}
 
     # --- the math ------------------------------------------------------------------------------
     def lora_factors(self, weights: dict[str, float], dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,30 +193,71 @@ class LoraLayer(nn.Module):
             y = y + self.lora_update(xi, weights).to(y.dtype)
         return y
 
-    def lora_route(self, n: int, groups: list[tuple[list[int], dict[str, float]]]):
-        """Give each group of a batch's n rows its adapter set (model.set_rows); the factors are read now. Linear
-        layers with several groups stack the groups' factors (zero-padded to one rank) for batched products."""
-        here = []
-        for rows, weights in groups:
-            if weights := {k: w for k, w in weights.items() if k in self.lora_A}:
-                here.append((rows, *self.lora_factors(weights)))
-        stacked = None
+    def lora_route(self, n: int, groups: list[tuple[list[int], tuple]], shared: dict | None = None):
+        """Give each group of a batch's n rows its adapter set (model.set_rows). Linear layers with several groups
+        run them as one pair of batched products over slots holding each set's factors (kept while unchanged, as
+        vLLM's LoRA slots, so a batch that changes by one request writes one slot); layers with the same groups
+        share their index tensors through `shared`. A set is a sorted tuple of (name, weight)."""
+        own = self.lora_A._parameters  # (a plain dict: module lookups are slow, and this runs at every batch change)
+        here = [(rows, ws) for rows, key in groups if (ws := key if all(k in own for k, _ in key) else
+                                                       tuple(kw for kw in key if kw[0] in own))]
+        dev = self.weight.device
         if len(here) > 1 and self.lora_kind in ("linear", "conv1d_t"):
-            G, R, size = len(here), max(A.shape[0] for _, A, _ in here), max(len(rows) for rows, _, _ in here)
-            A0, B0 = here[0][1], here[0][2]
-            At, Bt = A0.new_zeros(G, A0.shape[1], R), B0.new_zeros(G, R, B0.shape[0])
-            index = torch.empty(G, size, dtype=torch.long)
-            for g, (rows, A, B) in enumerate(here):
-                At[g, :, : A.shape[0]], Bt[g, : B.shape[1]] = A.T, B.T
-                index[g] = torch.tensor(rows + rows[:1] * (size - len(rows)))  # a group's spare slots repeat a row
-            kept = [g * size + i for g, (rows, _, _) in enumerate(here) for i in range(len(rows))]
-            dev = self.weight.device
-            stacked = (index.flatten().to(dev), torch.tensor(kept, device=dev) if len(kept) < G * size else None,
-                       torch.tensor([r for rows, _, _ in here for r in rows], device=dev), At, Bt)
+            shared = {} if shared is None else shared
+            key = tuple(tuple(rows) for rows, _ in here)
+            if key not in shared:
+                size = max(len(rows) for rows in key)
+                index = [r for rows in key for r in rows + rows[:1] * (size - len(rows))]  # spare slots repeat a row
+                kept = [g * size + i for g, rows in enumerate(key) for i in range(len(rows))]
+                shared[key] = (torch.tensor(index, device=dev),
+                               torch.tensor(kept, device=dev) if len(kept) < len(index) else None,
+                               torch.tensor([r for rows in key for r in rows], device=dev))
+            if self.lora_slot_A is not None and self.lora_slot_A.is_inference() and \
+                    not torch.is_inference_mode_enabled():  # slots made in inference mode are read-only outside it
+                self.lora_slots, self.lora_slot_A, self.lora_slot_B = {}, None, None
+            keep = {ws for _, ws in here}
+            factors = (own, self.lora_B._parameters)
+            used = torch.tensor([self.lora_slot(ws, keep, factors) for _, ws in here], device=dev)
+            self.lora_rows = (n, [], (*shared[key], self.lora_slot_A.index_select(0, used),
+                                      self.lora_slot_B.index_select(0, used)))
         else:
-            here = [(slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] == len(rows) - 1 else
-                     torch.tensor(rows, device=self.weight.device), A, B) for rows, A, B in here]
-        self.lora_rows = (n, here, stacked)
+            self.lora_rows = (n, [(slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] == len(rows) - 1 else
+                                   torch.tensor(rows, device=dev), *self.lora_factors(dict(ws))) for rows, ws in here],
+                              None)
+
+    def lora_slot(self, key: tuple, keep: set, factors: tuple[dict, dict] | None = None) -> int:
+        """The slot holding this set's A and (w·s·B)ᵀ, written when the set is new or its factors changed; the least
+        recently used slot outside `keep` is reused, and the slots grow (in number or rank) when none is free.
+        `factors`: the A and B parameter dicts, when the caller has them at hand."""
+        As, Bs = factors or (self.lora_A._parameters, self.lora_B._parameters)
+        stamp = tuple(x for k, _ in key for x in (As[k]._version, Bs[k]._version, As[k].data_ptr(), Bs[k].data_ptr()))
+        if self.lora_guarded is not None and dict(key) == self.lora_weights:
+            stamp += (id(self.lora_guarded[0]),)
+        hit = self.lora_slots.pop(key, None)
+        if hit is not None and hit[1] == stamp:
+            self.lora_slots[key] = hit  # now the most recent
+            return hit[0]
+        A, B = self.lora_factors(dict(key))
+        slots, R = (0, 0) if self.lora_slot_A is None else self.lora_slot_A.shape[:2]
+        if hit is not None:
+            slot = hit[0]
+        elif len(self.lora_slots) < slots:
+            slot = min(set(range(slots)) - {s for s, _ in self.lora_slots.values()})
+        elif old := next((k for k in self.lora_slots if k not in keep), None):
+            slot = self.lora_slots.pop(old)[0]
+        else:
+            slot = slots
+        if slot >= slots or A.shape[0] > R:  # grow: twice the slots, or the new rank
+            grown = max(slots, 4) * (2 if slot >= slots else 1), max(R, A.shape[0])
+            newA, newB = A.new_zeros(grown[0], grown[1], A.shape[1]), B.new_zeros(grown[0], grown[1], B.shape[0])
+            if slots:
+                newA[:slots, :R], newB[:slots, :R] = self.lora_slot_A, self.lora_slot_B
+            self.lora_slot_A, self.lora_slot_B = newA, newB
+        r = A.shape[0]
+        self.lora_slot_A[slot, :r], self.lora_slot_B[slot, :r] = A, B.T
+        self.lora_slot_A[slot, r:], self.lora_slot_B[slot, r:] = 0, 0
+        self.lora_slots[key] = (slot, stamp)
+        return slot
 
     def lora_rows_update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-row adapter sets (serving): y, computed once for the whole batch, gets each group's update added in
@@ -222,10 +268,10 @@ class LoraLayer(nn.Module):
             raise LoraError(f"the batch has {x.shape[0]} rows but per-row adapter sets were given for {n}; give one "
                             "set per row (expanded batches such as beams or num_return_sequences included)")
         if stacked is not None:
-            index, kept, rows, At, Bt = stacked
-            G, d = At.shape[0], x.shape[-1]
-            xs = x.reshape(n, -1, d).index_select(0, index).to(At.dtype)  # (G·size, T, in)
-            u = torch.bmm(torch.bmm(xs.reshape(G, -1, d), At), Bt).reshape(len(index), -1, Bt.shape[-1])
+            index, kept, rows, A, Bt = stacked
+            G, d = A.shape[0], x.shape[-1]
+            xs = x.reshape(n, -1, d).index_select(0, index).to(A.dtype)  # (G·size, T, in)
+            u = torch.bmm(torch.bmm(xs.reshape(G, -1, d), A.transpose(1, 2)), Bt).reshape(len(index), -1, Bt.shape[-1])
             u = u if kept is None else u.index_select(0, kept)
             y.view(n, -1, y.shape[-1]).index_add_(0, rows, u.to(y.dtype))
             return y
@@ -353,7 +399,8 @@ def swap_out(module: nn.Module) -> nn.Module:
         if attr in module._modules:
             del module._modules[attr]
     for attr in ("lora_kind", "lora_alpha", "lora_scale", "lora_dropout", "lora_weights", "lora_merged",
-                 "lora_premerge", "lora_guarded", "lora_rows", "disabled", "_lora_hook"):
+                 "lora_premerge", "lora_guarded", "lora_rows", "lora_slots", "lora_slot_A", "lora_slot_B", "disabled",
+                 "_lora_hook"):
         module.__dict__.pop(attr, None)
     module.__class__ = type(module).__mro__[2]
     return module

@@ -249,11 +249,12 @@ def set_rows(model: nn.Module, sets: list | None) -> nn.Module:
                             "sets take LoRA layers only: serve it alone (set_weights) or merge it")
     groups: dict[tuple, list[int]] = {}
     for i, w in enumerate(wanted):
-        groups.setdefault(tuple(w.items()), []).append(i)
+        groups.setdefault(tuple(sorted(w.items())), []).append(i)
+    shared = {}  # index tensors, the same for every layer with the same groups
     with torch.no_grad():
         for m in layers.values():
             if isinstance(m, LoraLayer):
-                m.lora_route(len(wanted), [(rows, dict(key)) for key, rows in groups.items()])
+                m.lora_route(len(wanted), [(rows, key) for key, rows in groups.items()], shared)
     return model
 
 

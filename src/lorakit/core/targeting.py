@@ -14,14 +14,20 @@ HEAD_NAMES = ("lm_head", "score", "classifier")
 
 
 def plain_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Named modules of the model, leaving out lorakit's own parts (adapter factors and copies)."""
-    out, skip = {}, []
-    for name, m in model.named_modules():
-        if not name or any(name.startswith(s) for s in skip):
-            continue
-        out[name] = m
-        if is_lora(m):
-            skip += [f"{name}.lora_A", f"{name}.lora_B", f"{name}.lora_copies"]
+    """Named modules of the model (as named_modules: depth first, a shared module once), leaving out lorakit's own
+    parts (adapter factors and copies)."""
+    out, seen = {}, {id(model)}
+
+    def walk(module: nn.Module, prefix: str):
+        own = is_lora(module)
+        for name, child in module._modules.items():
+            if child is None or id(child) in seen or (own and name in ("lora_A", "lora_B", "lora_copies")):
+                continue
+            seen.add(id(child))
+            out[path := f"{prefix}{name}"] = child
+            walk(child, path + ".")
+
+    walk(model, "")
     return out
 
 
