@@ -112,3 +112,24 @@ def test_merged_models_and_whole_module_adapters_are_refused():
     lorakit.inject(m, lorakit.LoraConfig(r=2, targets=["q_proj"], modules_to_save=["lm_head"]), name="head")
     with pytest.raises(lorakit.LoraError, match="modules_to_save"):
         lorakit.set_rows(m, ["a", "head"])
+
+
+def test_slots_stay_exact_over_changing_batches_ranks_and_factors():
+    """Each linear layer keeps its sets' factors in slots, reused while unchanged: many batches of changing sets
+    (ranks 2, 4, 8 and a stack of 2 + 8 in one layer) still equal each row alone, and factors changed in place are read again."""
+    m = tiny()
+    lorakit.inject(m, lorakit.LoraConfig(r=8, alpha=8, targets=["q_proj", "o_proj"], init=False), name="c")
+    choices = [None, "a", "b", "c", {"a": 0.5, "b": -1.0}, {"c": 2.0}, {"b": 1.0, "c": 0.5}]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(1, 64, (6, 4))
+    for step in range(10):
+        if step == 6:
+            with torch.no_grad():
+                m.model.layers[0].self_attn.q_proj.lora_B["c"].add_(0.5)  # as an optimizer step would
+        sets = [choices[i] for i in torch.randint(0, len(choices), (6,), generator=gen)]
+        with torch.no_grad(), lorakit.per_row(m, sets):
+            y = m(x).logits
+        for i, s in enumerate(sets):
+            assert (y[i] - alone(m, s, lambda: m(x[i: i + 1]).logits)[0]).abs().max() <= 1e-5, (step, i, s)
+    layer = m.model.layers[0].self_attn.q_proj
+    assert layer.lora_slot_A.shape[1] == 10 and len(layer.lora_slots) <= layer.lora_slot_A.shape[0]
