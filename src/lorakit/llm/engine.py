@@ -149,7 +149,7 @@ class Engine:
             self.routed = keys
 
     def _prefill(self, joiners: list[Request]):
-        joiners.sort(key=Request.key)  # rows with the same adapters side by side: one slice per group
+        joiners.sort(key=Request.key)  # rows with the same adapters side by side (single-group layers: a slice)
         width = max(len(r.ids) for r in joiners)
         ids = torch.full((len(joiners), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(joiners), width), dtype=torch.long)
@@ -233,20 +233,27 @@ class Engine:
                 r.cancelled = True
 
     def _join(self, cache, mask: torch.Tensor, joiners: list[Request]):
-        """Add the joiners' cache rows to the running cache, left-padding the shorter one."""
+        """Add the joiners' cache rows to the running cache, left-padding the shorter one (all layers built before
+        any is replaced, so a failure leaves the running rows as they were)."""
         if not self.running:
             self.cache, self.mask, self.running = cache, mask, list(joiners)
             return
         width = max(mask.shape[1], self.mask.shape[1])
-        pad = lambda t, d: F.pad(t, (0, 0) * (t.dim() - d - 1) + (width - t.shape[d], 0))  # noqa: E731
-        for old, new in zip(self.cache.layers, cache.layers):
-            old.keys = torch.cat([pad(old.keys, 2), pad(new.keys, 2)])
-            old.values = torch.cat([pad(old.values, 2), pad(new.values, 2)])
-        self.mask = torch.cat([pad(self.mask, 1), pad(mask, 1)])
+
+        def stack(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+            shape = list(a.shape)
+            shape[0], shape[dim] = a.shape[0] + b.shape[0], width
+            out = a.new_zeros(shape)
+            out[: a.shape[0]].narrow(dim, width - a.shape[dim], a.shape[dim]).copy_(a)
+            out[a.shape[0]:].narrow(dim, width - b.shape[dim], b.shape[dim]).copy_(b)
+            return out
+
+        built = [(stack(old.keys, new.keys, 2), stack(old.values, new.values, 2))
+                 for old, new in zip(self.cache.layers, cache.layers)]
+        self.mask = stack(self.mask, mask, 1)
+        for layer, (k, v) in zip(self.cache.layers, built):
+            layer.keys, layer.values = k, v
         self.running += joiners
-        order = sorted(range(len(self.running)), key=lambda i: self.running[i].key())
-        if order != list(range(len(self.running))):
-            self._keep(order)
 
     def _leave(self):
         """Drop finished and cancelled rows, and the left padding no remaining row needs."""
@@ -268,7 +275,8 @@ class Engine:
 
     def _keep(self, rows: list[int]):
         idx = torch.tensor(rows, device=self.mask.device)
-        for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys.index_select(0, idx), layer.values.index_select(0, idx)
+        kept = [(layer.keys.index_select(0, idx), layer.values.index_select(0, idx)) for layer in self.cache.layers]
+        for layer, (k, v) in zip(self.cache.layers, kept):
+            layer.keys, layer.values = k, v
         self.mask = self.mask.index_select(0, idx)
         self.running = [self.running[i] for i in rows]
