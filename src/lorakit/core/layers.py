@@ -67,7 +67,8 @@ class LoraLayer(nn.Module):
     kernel, stride, padding, dilation, padding mode and groups (r % groups == 0) and B a 1x1 conv
     with the same groups, so the update is itself a conv of W's shape and merges exactly.
     Embedding: A (r x num), B (dim x r), y = E[x] + s * A^T[x] @ B^T; no dropout on indices.
-    Serving: with per-row sets (model.set_rows) each group of rows sharing a set gets its own pair of products.
+    Serving: per-row sets (model.set_rows): rows sharing a set form a group, and a linear layer runs one pair of
+    batched products for all its groups, over slots that keep each set's factors while they are unchanged.
     """
 
     lora_A: nn.ParameterDict
@@ -212,9 +213,9 @@ class LoraLayer(nn.Module):
                 shared[key] = (torch.tensor(index, device=dev),
                                torch.tensor(kept, device=dev) if len(kept) < len(index) else None,
                                torch.tensor([r for rows in key for r in rows], device=dev))
-            if self.lora_slot_A is not None and self.lora_slot_A.is_inference() and \
-                    not torch.is_inference_mode_enabled():  # slots made in inference mode are read-only outside it
-                self.lora_slots, self.lora_slot_A, self.lora_slot_B = {}, None, None
+            if self.lora_slot_A is not None and (self.lora_slot_A.device != dev or (
+                    self.lora_slot_A.is_inference() and not torch.is_inference_mode_enabled())):
+                self.lora_slots, self.lora_slot_A, self.lora_slot_B = {}, None, None  # moved, or read-only here
             keep = {ws for _, ws in here}
             factors = (own, self.lora_B._parameters)
             used = torch.tensor([self.lora_slot(ws, keep, factors) for _, ws in here], device=dev)
