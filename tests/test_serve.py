@@ -78,6 +78,9 @@ class Server:
                 break
             if not line and self.proc.poll() is not None:
                 raise RuntimeError("server did not start:\n" + "".join(self.log))
+        else:
+            self.proc.kill()
+            raise RuntimeError("server did not start in 120 s:\n" + "".join(self.log))
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # keep its pipe drained
         self.client = openai.OpenAI(base_url=self.url, api_key="none", max_retries=0, timeout=60)
 
