@@ -1,5 +1,6 @@
 """LoRA layers, every layer type x option: the math, merging, stacking, training, init (PEFT-style matrix)."""
 
+import contextlib
 import copy
 
 import pytest
@@ -11,6 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 import lorakit
 from lorakit import LoraConfig, LoraError
+from lorakit.core import layers
 
 
 class Net(nn.Module):
@@ -189,7 +191,9 @@ class Counter(TorchFunctionMode):
         self.fn, self.calls = fn, []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is self.fn:
+        if self.fn is None:
+            self.calls.append(func)
+        elif func is self.fn:
             self.calls.append(args)
         return func(*args, **(kwargs or {}))
 
@@ -200,20 +204,34 @@ def test_several_adapters_cost_one_pair_of_products(kind, fn):
     for n in ("b", "c"):
         lorakit.inject(net, LoraConfig(targets=["layer"], r=2, init=False), name=n)
     lorakit.set_weights(net, {"a": 1.0, "b": 0.5, "c": -2.0})
-    with torch.no_grad(), Counter(fn) as c:
+    with torch.no_grad(), reference_path(), Counter(fn) as c:
         net.layer(x)
     assert len(c.calls) == 3  # the base product and one pair for all three adapters
+    if kind == "linear":  # the fused path: the base product, A·xᵀ, and B's product added into y in place
+        with torch.no_grad(), Counter(None) as c:
+            net.layer(x)
+        assert [f for f in c.calls if f in (F.linear, torch.Tensor.matmul, torch.Tensor.addmm_)] == \
+            [F.linear, torch.Tensor.matmul, torch.Tensor.addmm_]
+
+
+@contextlib.contextmanager
+def reference_path():
+    layers.use_fast(False)
+    try:
+        yield
+    finally:
+        layers.use_fast(True)
 
 
 def test_dropout_zero_does_not_copy_the_input():
     _, net, x = adapted("linear", dropout=0.0)
     net.train()
-    with Counter(F.linear) as c:
+    with reference_path(), Counter(F.linear) as c:
         net.layer(x)
     assert c.calls[1][0] is x  # the A product reads the input itself
     _, net, x = adapted("linear", dropout=0.5)
     net.train()
-    with Counter(F.linear) as c:
+    with reference_path(), Counter(F.linear) as c:
         net.layer(x)
     assert c.calls[1][0] is not x
 

@@ -30,6 +30,9 @@ class LoraConfig:
     biases are saved with the adapter. modules_to_save: modules trained in full, one copy per adapter.
     factor_dtype: "fp32" (the factors of a bf16/fp16 base are kept in fp32, as PEFT does, so small updates are not
     rounded away; outputs keep the base dtype) or "base" (the factors take the base's dtype: half the memory).
+    fast_dropout: draw dropout masks from 15-bit random numbers (about 4x cheaper on CPU, where the Bernoulli draw
+    costs about as much as the layer's own product; p is rounded to a multiple of 1/32768); the default draws them
+    as F.dropout (and PEFT) do, so a seed gives PEFT's masks.
     """
 
     r: int = 8
@@ -44,6 +47,7 @@ class LoraConfig:
     bias: str = "none"
     modules_to_save: list[str] = field(default_factory=list)
     factor_dtype: Literal["fp32", "base"] = "fp32"
+    fast_dropout: bool = False
 
     def __post_init__(self):
         if isinstance(self.targets, tuple):
@@ -59,6 +63,8 @@ class LoraConfig:
             raise LoraError(f"LoraConfig.bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if self.init not in INITS:
             raise LoraError(f"LoraConfig.init must be True, False or 'gaussian', got {self.init!r}")
+        if not isinstance(self.fast_dropout, bool):
+            raise LoraError(f"LoraConfig.fast_dropout must be True or False, got {self.fast_dropout!r}")
         if self.factor_dtype not in FACTOR_DTYPES:
             raise LoraError(f"LoraConfig.factor_dtype must be 'fp32' or 'base', got {self.factor_dtype!r}")
         if not self.targets:

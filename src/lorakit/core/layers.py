@@ -19,6 +19,14 @@ from lorakit.core.errors import LoraError
 # What lorakit can adapt: "linear" (nn.Linear), "conv1d_t" (transformers' GPT-2 Conv1D, weight
 # stored in x out), "embedding" (nn.Embedding) and "conv" (nn.Conv1d/2d/3d).
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_FUSED = True  # linear layers run base + LoRA as one autograd node (_LoraLinear); False: the reference path
+
+
+def use_fast(enabled: bool = True):
+    """Choose the fused path for linear layers (the default) or the reference path (dropout, then two F.linear, as
+    PEFT computes): the same results (same dropout masks from the same seed) at a higher cost; tests compare them."""
+    global _FUSED
+    _FUSED = bool(enabled)
 
 
 def kind_of(module: nn.Module) -> str | None:
@@ -81,6 +89,7 @@ class LoraLayer(nn.Module):
         self.lora_alpha: dict[str, float] = {}
         self.lora_scale: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = {}
+        self.lora_fast_dropout: dict[str, bool] = {}  # masks from 16-bit random numbers, shared by sibling layers
         self.lora_weights: dict[str, float] = {}  # the active adapters and their weights
         self.lora_merged: dict[str, float] = {}  # the adapters merge() added to the weight
         self.lora_premerge: torch.Tensor | None = None  # the weight as merge() found it, for an exact unmerge
@@ -94,7 +103,7 @@ class LoraLayer(nn.Module):
 
     # --- initialisation -------------------------------------------------------------------------
     def lora_add(self, name: str, r: int, alpha: float, scale: float, dropout: float = 0.0, init=True,
-                 factor_dtype: str = "fp32"):
+                 factor_dtype: str = "fp32", fast_dropout: bool = False):
         """Create adapter `name` (rank r) in this layer; it starts inactive. Its factors are fp32 on a half-precision
         base unless factor_dtype="base" (as PEFT: half-precision factors round away small updates in training)."""
         a_shape, b_shape = factor_shapes(self, r)
@@ -119,6 +128,7 @@ class LoraLayer(nn.Module):
         self.lora_alpha[name] = alpha
         self.lora_scale[name] = scale
         self.lora_dropout[name] = 0.0 if self.lora_kind == "embedding" else dropout
+        self.lora_fast_dropout[name] = fast_dropout
 
     def lora_names(self) -> list[str]:
         return list(self.lora_A)
@@ -126,7 +136,7 @@ class LoraLayer(nn.Module):
     def lora_remove(self, name: str):
         for d in (self.lora_A, self.lora_B):
             del d[name]
-        for d in (self.lora_alpha, self.lora_scale, self.lora_dropout, self.lora_weights):
+        for d in (self.lora_alpha, self.lora_scale, self.lora_dropout, self.lora_fast_dropout, self.lora_weights):
             d.pop(name, None)
         self.lora_guarded = None
         self.lora_slots = {}
@@ -179,20 +189,61 @@ class LoraLayer(nn.Module):
         return conv(h, B, None, 1, 0, 1, self.groups)
 
     def forward(self, x, *args, **kwargs):
-        y = super().forward(x, *args, **kwargs)
-        if self.disabled or self.lora_merged:
-            return y
-        if self.lora_rows is not None:
-            return self.lora_rows_update(x, y)
-        if not self.lora_weights:
-            return y
-        by_dropout: dict[float, dict[str, float]] = {}
+        if "lora_hot_A" in self._buffers and not (self.disabled or self.lora_merged or self.lora_rows is not None):
+            A, B = self.lora_hot_A, self.lora_hot_B  # no Python state that a swap changes: a compiled graph holds
+            if not args and not kwargs and self.lora_fusable(x):
+                return _LoraLinear.apply(x, self.weight, self.bias, A, B, 1.0, None, 0.0)
+            y = super().forward(x, *args, **kwargs)
+            return y + self.lora_apply(x, A, B).to(y.dtype)
+        if self.disabled or self.lora_merged or self.lora_rows is not None or not self.lora_weights:
+            y = super().forward(x, *args, **kwargs)
+            return y if self.lora_rows is None or self.disabled or self.lora_merged else self.lora_rows_update(x, y)
+        by_dropout: dict[tuple, dict[str, float]] = {}
         for n, w in self.lora_weights.items():
-            by_dropout.setdefault(self.lora_dropout[n] if self.training else 0.0, {})[n] = w
-        for p, weights in by_dropout.items():
-            xi = F.dropout(x, p, training=True) if p else x
+            p = self.lora_dropout[n] if self.training else 0.0
+            by_dropout.setdefault((p, p > 0 and self.lora_fast_dropout.get(n, False)), {})[n] = w
+        if len(by_dropout) == 1 and not args and not kwargs and self.lora_fusable(x):
+            (p, fast), weights = next(iter(by_dropout.items()))
+            if len(weights) == 1 and self.lora_guarded is None:  # w·s applied to the product, not copied into B
+                (n, w), = weights.items()
+                A, B, c = self.lora_A[n], self.lora_B[n], w * self.lora_scale[n]
+            else:
+                (A, B), c = self.lora_factors(weights), 1.0
+            keep = dropout_mask(x, p, fast) if p else None
+            return _LoraLinear.apply(x, self.weight, self.bias, A, B, c, keep, drop_rate(p, fast))
+        y = super().forward(x, *args, **kwargs)
+        for (p, fast), weights in by_dropout.items():
+            xi = (x * dropout_noise(dropout_mask(x, p, True), drop_rate(p, True), x.dtype) if fast else
+                  F.dropout(x, p, training=True)) if p else x
             y = y + self.lora_update(xi, weights).to(y.dtype)
         return y
+
+    def lora_fusable(self, x: torch.Tensor) -> bool:
+        """Whether the fused path computes exactly what the reference path would: a plain nn.Linear base, floating
+        input of the weight's dtype, no autocast (whose casts the reference path gets from F.linear)."""
+        return (_FUSED and self.lora_kind == "linear" and type(self).__mro__[2].forward is nn.Linear.forward
+                and x.dtype == self.weight.dtype and x.dim() >= 1 and not torch.is_autocast_enabled(x.device.type))
+
+    @torch.no_grad()
+    def lora_hot_write(self, rank: int | None = None):
+        """Write the active set's A and w·s·B into the hot-swap factors, zero-padded to their rank (created with
+        `rank` when given): in place, so a compiled graph that reads them stays valid (prepare_hotswap)."""
+        A, B = self.lora_factors(self.lora_weights) if self.lora_weights else (None, None)
+        if rank is not None:
+            a_shape, b_shape = factor_shapes(self, rank)
+            dtype = next(iter(self.lora_A.values())).dtype if len(self.lora_A) else \
+                torch.float32 if self.weight.dtype in (torch.float16, torch.bfloat16) else self.weight.dtype
+            kw = dict(device=self.weight.device, dtype=dtype)
+            self.register_buffer("lora_hot_A", torch.zeros(a_shape, **kw), persistent=False)
+            self.register_buffer("lora_hot_B", torch.zeros(b_shape, **kw), persistent=False)
+        hot_A, hot_B = self.lora_hot_A, self.lora_hot_B
+        r = 0 if A is None else A.shape[0]
+        if r > hot_A.shape[0]:
+            raise LoraError(f"the active adapters have rank {r} here, more than the {hot_A.shape[0]} prepare_hotswap "
+                            "made room for; call prepare_hotswap with a larger max_rank before compiling")
+        if r:
+            hot_A[:r], hot_B[:, :r] = A, B
+        hot_A[r:], hot_B[:, r:] = 0, 0
 
     def lora_route(self, n: int, groups: list[tuple[list[int], tuple]], shared: dict | None = None):
         """Give each group of a batch's n rows its adapter set (model.set_rows). Linear layers with several groups
@@ -311,6 +362,85 @@ class LoraLayer(nn.Module):
         return f"{super().extra_repr()}, lora={{{adapters}}}, active={self.lora_weights}"
 
 
+def dropout_mask(x: torch.Tensor, p: float, fast: bool) -> torch.Tensor:
+    """Which elements of x dropout keeps (bool). Exact: torch's own Bernoulli draw, so the masks equal F.dropout's
+    from the same seed. Fast (LoraConfig.fast_dropout): 15-bit random numbers, four per 64-bit draw (about 4x
+    cheaper on CPU), p rounded to a multiple of 1/32768."""
+    if not fast:
+        return torch.empty_like(x).bernoulli_(1 - p).bool()
+    n = x.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_().view(torch.int16)[:n]
+    return bits.bitwise_and_(0x7FFF).ge_(fast_drop_level(p)).view(x.shape).bool()
+
+
+def fast_drop_level(p: float) -> int:
+    """The 15-bit threshold of fast dropout: an element is dropped with probability level/32768 (≈ p)."""
+    return round(p * 32768)
+
+
+def drop_rate(p: float, fast: bool) -> float:
+    """The probability with which an element is dropped: p, or p rounded to 1/32768 for fast dropout."""
+    return fast_drop_level(p) / 32768 if fast else p
+
+
+def dropout_noise(keep: torch.Tensor, q: float, dtype: torch.dtype) -> torch.Tensor:
+    """What dropout multiplies x by: keep / (1 - q), computed as F.dropout computes it (bit for bit)."""
+    return keep.to(dtype).div_(1 - q)
+
+
+class _LoraLinear(torch.autograd.Function):
+    """y = x·Wᵀ + b + c·(dropout(x)·Aᵀ)·Bᵀ as one autograd node, the fused path of a linear LoraLayer.
+
+    Equal to the reference path (dropout, then two F.linear), but: the dropout keeps a bool mask (1 byte per element)
+    and x itself, which sibling layers share, instead of two float copies (the noise and dropout(x)); the small
+    products run in the layouts that are fast for rank-r operands (h is kept as hᵀ, r x N); the update is added to
+    y and to the input's gradient in place; frozen parameters get no gradient work.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W, b, A, B, c, keep, p):
+        x2 = x.reshape(-1, x.shape[-1])
+        y = F.linear(x2, W, b)
+        xd = x2 if keep is None else x2 * dropout_noise(keep.reshape(x2.shape), p, x2.dtype)
+        hT = A @ xd.to(A.dtype).T  # (r, N)
+        if y.dtype == A.dtype:
+            y.addmm_(hT.T, B.T, alpha=c)
+        else:
+            y += (hT.T @ (B.T * c)).to(y.dtype)
+        ctx.save_for_backward(x2, W, A, B, hT, keep)
+        ctx.c, ctx.p, ctx.has_bias, ctx.x_shape = c, p, b is not None, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, W, A, B, hT, keep = ctx.saved_tensors
+        c, p = ctx.c, ctx.p
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        gyl = gy2.to(A.dtype)
+        need_x, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+        noise = None if keep is None else dropout_noise(keep.reshape(x2.shape), p, x2.dtype)
+        ghT = (B.T * c) @ gyl.T  # (r, N)
+        gx = gW = gb = gA = gB = None
+        if need_x:
+            gx = gy2 @ W
+            if noise is None and gx.dtype == A.dtype:
+                gx.addmm_(ghT.T, A)
+            else:
+                glx = (ghT.T @ A).to(gx.dtype)
+                gx += glx if noise is None else glx * noise
+            gx = gx.view(ctx.x_shape)
+        if need_W:
+            gW = gy2.T @ x2
+        if need_b and ctx.has_bias:
+            gb = gy2.sum(0)
+        if need_A:
+            xd = x2 if noise is None else x2 * noise
+            gA = ghT @ xd.to(A.dtype)
+        if need_B:
+            gB = (hT @ gyl).T * c
+        return gx, gW, gb, gA, gB, None, None, None
+
+
 class SavedModule(nn.Module):
     """A module trained in full for some adapters (PEFT's modules_to_save): each adapter owns a copy.
 
@@ -399,7 +529,9 @@ def swap_out(module: nn.Module) -> nn.Module:
     for attr in ("lora_A", "lora_B", "lora_copies"):
         if attr in module._modules:
             del module._modules[attr]
-    for attr in ("lora_kind", "lora_alpha", "lora_scale", "lora_dropout", "lora_weights", "lora_merged",
+    for attr in ("lora_hot_A", "lora_hot_B"):
+        module._buffers.pop(attr, None)
+    for attr in ("lora_kind", "lora_alpha", "lora_scale", "lora_dropout", "lora_fast_dropout", "lora_weights", "lora_merged",
                  "lora_premerge", "lora_guarded", "lora_rows", "lora_slots", "lora_slot_A", "lora_slot_B", "disabled",
                  "_lora_hook"):
         module.__dict__.pop(attr, None)

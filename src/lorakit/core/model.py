@@ -119,13 +119,22 @@ def add_adapter(model: nn.Module, name: str, ranks: dict[str, tuple[int, float]]
     if any(m.lora_merged for m in lora_modules(model).values()):  # activating it would need an unmerge
         raise LoraError("the model has merged adapters; unmerge(model) before adding another")
     modules = plain_modules(model)
+    if hot := [m for m in modules.values() if isinstance(m, LoraLayer) and "lora_hot_A" in m._buffers]:
+        if cold := [p for p in ranks if not isinstance(modules[p], LoraLayer) or "lora_hot_A" not in modules[p]._buffers]:
+            raise LoraError(f"adapter {name!r} adapts {cold[0]!r}, which prepare_hotswap did not prepare (a compiled "
+                            "model would recompile); prepare_hotswap with target_modules covering it, before compiling")
+        if saved:
+            raise LoraError(f"adapter {name!r} has modules_to_save, which a hot-swapped model cannot take")
+        if too := [p for p, (r, _) in ranks.items() if r > modules[p].lora_hot_A.shape[0]]:
+            raise LoraError(f"adapter {name!r} has rank {ranks[too[0]][0]} at {too[0]!r}, more than the "
+                            f"{modules[too[0]].lora_hot_A.shape[0]} prepare_hotswap made room for")
     try:
         for path, (r, alpha) in ranks.items():
             m = modules[path]
             if not isinstance(m, LoraLayer):
                 swap_in(m, LoraLayer)
             m.lora_add(name, r, alpha, scale(r, alpha, config.use_rslora), config.dropout, config.init,
-                       config.factor_dtype)
+                       config.factor_dtype, config.fast_dropout)
         for path in saved:
             m = modules[path]
             original = swap_out(copy.deepcopy(m)) if isinstance(m, SavedModule) else m
@@ -148,7 +157,9 @@ def _remove(model: nn.Module, name: str):
     for m in lora_modules(model).values():
         if name in m.lora_names():
             m.lora_remove(name)
-        if not m.lora_names():
+            if "lora_hot_A" in m._buffers:
+                m.lora_hot_write()
+        if not m.lora_names() and "lora_hot_A" not in m._buffers:  # a hot layer stays, with zero factors
             swap_out(m)
     for m in model.modules():
         getattr(m, "lora_adapters", {}).pop(name, None)
@@ -204,10 +215,19 @@ def set_weights(model: nn.Module, weights: dict[str, float] | list[str] | str, g
                              for n, w in on[path].items()], guard)
             A0, B0 = m.lora_A[next(iter(on[path]))], m.lora_B[next(iter(on[path]))]
             guards[path] = (p.A.reshape(-1, *A0.shape[1:]).to(A0.dtype), p.B.reshape(*p.B.shape, *B0.shape[2:]).to(B0.dtype))
+    for path, m in layers.items():  # every hot layer's rank checked before any layer changes
+        if isinstance(m, LoraLayer) and "lora_hot_A" in m._buffers:
+            r = guards[path][0].shape[0] if path in guards else sum(m.lora_A[n].shape[0] for n in on[path])
+            if r > m.lora_hot_A.shape[0]:
+                raise LoraError(f"these adapters have rank {r} together at {path!r}, more than the "
+                                f"{m.lora_hot_A.shape[0]} prepare_hotswap made room for; stack fewer, or prepare a "
+                                "larger max_rank before compiling")
     for path, m in layers.items():  # every layer's guard computed (or refused) before any layer changes
         m.lora_weights = on[path]
         if isinstance(m, LoraLayer):
             m.lora_guarded = guards.get(path)
+            if "lora_hot_A" in m._buffers:
+                m.lora_hot_write()
     _freeze_for(model)
     if guard:
         for p in model.parameters():
@@ -255,6 +275,34 @@ def set_rows(model: nn.Module, sets: list | None) -> nn.Module:
         for m in layers.values():
             if isinstance(m, LoraLayer):
                 m.lora_route(len(wanted), [(rows, key) for key, rows in groups.items()], shared)
+    return model
+
+
+@accepts_pipeline
+def prepare_hotswap(model: nn.Module, max_rank: int, target_modules: list[str] | str | None = None) -> nn.Module:
+    """Make room for adapters up to rank `max_rank` (a stack: the sum of its ranks) before torch.compile(model):
+    every LoRA layer (and the modules `target_modules` names, made LoRA layers with no adapter) then reads the active
+    set from fixed-shape factors that load/set_weights/delete overwrite in place, so later swaps and weight changes
+    never recompile. Inference: hot layers apply no dropout, and their factors are not trained."""
+    if not isinstance(max_rank, int) or max_rank <= 0:
+        raise LoraError(f"prepare_hotswap: max_rank must be a positive integer, got {max_rank!r}")
+    if any(m.lora_merged for m in lora_modules(model).values()):
+        raise LoraError("the model has merged adapters; unmerge(model) before prepare_hotswap")
+    modules = plain_modules(model)
+    extra = find_targets(model, target_modules, None) if target_modules is not None else []
+    layers = {n: m for n, m in modules.items() if isinstance(m, LoraLayer) or n in extra}
+    if not layers:
+        raise LoraError("prepare_hotswap: the model has no LoRA layer; load or inject an adapter, or name "
+                        "target_modules")
+    for n, m in layers.items():
+        if getattr(m, "groups", 1) > 1:
+            raise LoraError(f"module {n!r} is a grouped conv; hot-swap cannot pad its rank")
+        if isinstance(m, LoraLayer) and (r := sum(m.lora_A[a].shape[0] for a in m.lora_weights)) > max_rank:
+            raise LoraError(f"the active adapters have rank {r} at {n!r}, more than max_rank={max_rank}")
+    for m in layers.values():
+        if not isinstance(m, LoraLayer):
+            swap_in(m, LoraLayer)
+        m.lora_hot_write(max_rank)
     return model
 
 

@@ -211,6 +211,8 @@ def apply(model: nn.Module, adapter: Adapter, name: str, source: str = "adapter"
             m = names[paths[path]]
             m.lora_A[name].copy_(ml.A)
             m.lora_B[name].copy_(ml.B)
+            if "lora_hot_A" in m._buffers:  # prepare_hotswap: the active set now has its loaded factors
+                m.lora_hot_write()
         for path, sd in adapter.saved.items():
             names[paths[path]].lora_copies[name].load_state_dict(sd)
         for path, b in adapter.biases.items():
