@@ -16,8 +16,8 @@ from lorakit.analysis import analyze
 from lorakit.core.config import LoraConfig
 from lorakit.core.errors import LoraError
 from lorakit.core.layers import LoraLayer, SavedModule
-from lorakit.core.model import (active, adapters, delete, disabled, inject, merge, per_row, prepare_hotswap, set_rows,
-                                set_weights, summary, unload, unmerge)
+from lorakit.core.model import (active, adapters, delete, disabled, inject, merge, per_row, prepare_hotswap,
+                                set_rows, set_weights, summary, unload, unmerge)
 from lorakit.formats.adapter import Adapter, ModuleLora
 from lorakit.formats.io import load, read, save
 from lorakit.merged import merge_into

@@ -119,7 +119,7 @@ def add_adapter(model: nn.Module, name: str, ranks: dict[str, tuple[int, float]]
     if any(m.lora_merged for m in lora_modules(model).values()):  # activating it would need an unmerge
         raise LoraError("the model has merged adapters; unmerge(model) before adding another")
     modules = plain_modules(model)
-    if hot := [m for m in modules.values() if isinstance(m, LoraLayer) and "lora_hot_A" in m._buffers]:
+    if any(isinstance(m, LoraLayer) and "lora_hot_A" in m._buffers for m in modules.values()):  # prepare_hotswap
         if cold := [p for p in ranks if not isinstance(modules[p], LoraLayer) or "lora_hot_A" not in modules[p]._buffers]:
             raise LoraError(f"adapter {name!r} adapts {cold[0]!r}, which prepare_hotswap did not prepare (a compiled "
                             "model would recompile); prepare_hotswap with target_modules covering it, before compiling")
