@@ -94,12 +94,17 @@ def test_fused_path_in_bf16_with_fp32_factors():
 def test_fast_dropout_drops_at_its_rate_and_rounds_p_to_1_over_32768():
     x = torch.ones(1000, 1000)
     for p in (0.05, 0.3):
-        keep = layers.dropout_mask(x, p, fast=True)
-        assert keep.dtype == torch.bool and keep.shape == x.shape
+        keep, noise = layers.dropout_draw(x, p, fast=True)
+        assert keep.dtype == torch.uint8 and keep.shape == x.shape
         assert abs(1 - keep.float().mean().item() - p) < 0.003
         assert layers.drop_rate(p, True) == round(p * 32768) / 32768
-    a, b = layers.dropout_mask(x, 0.5, True), layers.dropout_mask(x, 0.5, True)
+        assert torch.equal(noise, keep.float() / (1 - layers.drop_rate(p, True)))
+    a, b = layers.dropout_draw(x, 0.5, True)[0], layers.dropout_draw(x, 0.5, True)[0]
     assert not torch.equal(a, b)  # fresh masks at each call
+    torch.manual_seed(3)
+    keep, noise = layers.dropout_draw(x, 0.1, fast=False)
+    torch.manual_seed(3)
+    assert torch.equal(x * noise, torch.nn.functional.dropout(x, 0.1))  # exact: F.dropout's draw, bit for bit
 
 
 def saved_bytes(fn) -> int:
@@ -116,7 +121,7 @@ def saved_bytes(fn) -> int:
     return sum(seen.values()), out
 
 
-def test_the_fused_path_keeps_x_and_a_bool_mask_not_float_copies():
+def test_the_fused_path_keeps_x_and_a_byte_mask_not_float_copies():
     torch.manual_seed(0)
     layer = nn.Sequential(nn.Linear(256, 256))
     lorakit.inject(layer, lorakit.LoraConfig(r=8, targets=["0"], dropout=0.1))

@@ -192,7 +192,7 @@ class LoraLayer(nn.Module):
         if "lora_hot_A" in self._buffers and not (self.disabled or self.lora_merged or self.lora_rows is not None):
             A, B = self.lora_hot_A, self.lora_hot_B  # no Python state that a swap changes: a compiled graph holds
             if not args and not kwargs and self.lora_fusable(x):
-                return _LoraLinear.apply(x, self.weight, self.bias, A, B, 1.0, None, 0.0)
+                return _LoraLinear.apply(x, self.weight, self.bias, A, B, 1.0, None, None, 0.0)
             y = super().forward(x, *args, **kwargs)
             return y + self.lora_apply(x, A, B).to(y.dtype)
         if self.disabled or self.lora_merged or self.lora_rows is not None or not self.lora_weights:
@@ -209,12 +209,11 @@ class LoraLayer(nn.Module):
                 A, B, c = self.lora_A[n], self.lora_B[n], w * self.lora_scale[n]
             else:
                 (A, B), c = self.lora_factors(weights), 1.0
-            keep = dropout_mask(x, p, fast) if p else None
-            return _LoraLinear.apply(x, self.weight, self.bias, A, B, c, keep, drop_rate(p, fast))
+            keep, noise = dropout_draw(x, p, fast) if p else (None, None)
+            return _LoraLinear.apply(x, self.weight, self.bias, A, B, c, keep, noise, drop_rate(p, fast))
         y = super().forward(x, *args, **kwargs)
         for (p, fast), weights in by_dropout.items():
-            xi = (x * dropout_noise(dropout_mask(x, p, True), drop_rate(p, True), x.dtype) if fast else
-                  F.dropout(x, p, training=True)) if p else x
+            xi = (x * dropout_draw(x, p, True)[1] if fast else F.dropout(x, p, training=True)) if p else x
             y = y + self.lora_update(xi, weights).to(y.dtype)
         return y
 
@@ -362,15 +361,18 @@ class LoraLayer(nn.Module):
         return f"{super().extra_repr()}, lora={{{adapters}}}, active={self.lora_weights}"
 
 
-def dropout_mask(x: torch.Tensor, p: float, fast: bool) -> torch.Tensor:
-    """Which elements of x dropout keeps (bool). Exact: torch's own Bernoulli draw, so the masks equal F.dropout's
-    from the same seed. Fast (LoraConfig.fast_dropout): 15-bit random numbers, four per 64-bit draw (about 4x
-    cheaper on CPU), p rounded to a multiple of 1/32768."""
+def dropout_draw(x: torch.Tensor, p: float, fast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dropout draw for x: which elements it keeps (uint8 0/1, one byte each, what backward keeps) and the factor
+    x is multiplied by (keep / (1 - p), in x's dtype). Exact: torch's own Bernoulli draw, so the factor equals
+    F.dropout's from the same seed, bit for bit. Fast (LoraConfig.fast_dropout): 15-bit random numbers, four per
+    64-bit draw (about 5x cheaper on CPU), p rounded to a multiple of 1/32768."""
     if not fast:
-        return torch.empty_like(x).bernoulli_(1 - p).bool()
+        noise = torch.empty_like(x).bernoulli_(1 - p)
+        return noise.bool().view(torch.uint8), noise.div_(1 - p)
     n = x.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_().view(torch.int16)[:n]
-    return bits.bitwise_and_(0x7FFF).ge_(fast_drop_level(p)).view(x.shape).bool()
+    keep = bits.bitwise_and_(0x7FFF).ge_(fast_drop_level(p)).to(torch.uint8).view(x.shape)
+    return keep, dropout_noise(keep, drop_rate(p, True), x.dtype)
 
 
 def fast_drop_level(p: float) -> int:
@@ -384,24 +386,24 @@ def drop_rate(p: float, fast: bool) -> float:
 
 
 def dropout_noise(keep: torch.Tensor, q: float, dtype: torch.dtype) -> torch.Tensor:
-    """What dropout multiplies x by: keep / (1 - q), computed as F.dropout computes it (bit for bit)."""
+    """What dropout multiplies x by, from what it kept: keep / (1 - q), as F.dropout computes it (bit for bit)."""
     return keep.to(dtype).div_(1 - q)
 
 
 class _LoraLinear(torch.autograd.Function):
     """y = x·Wᵀ + b + c·(dropout(x)·Aᵀ)·Bᵀ as one autograd node, the fused path of a linear LoraLayer.
 
-    Equal to the reference path (dropout, then two F.linear), but: the dropout keeps a bool mask (1 byte per element)
-    and x itself, which sibling layers share, instead of two float copies (the noise and dropout(x)); the small
+    Equal to the reference path (dropout, then two F.linear), but: the dropout keeps a one-byte mask per element and
+    x itself, which sibling layers share, instead of two float copies (the noise and dropout(x)); the small
     products run in the layouts that are fast for rank-r operands (h is kept as hᵀ, r x N); the update is added to
     y and to the input's gradient in place; frozen parameters get no gradient work.
     """
 
     @staticmethod
-    def forward(ctx, x, W, b, A, B, c, keep, p):
+    def forward(ctx, x, W, b, A, B, c, keep, noise, p):
         x2 = x.reshape(-1, x.shape[-1])
         y = F.linear(x2, W, b)
-        xd = x2 if keep is None else x2 * dropout_noise(keep.reshape(x2.shape), p, x2.dtype)
+        xd = x2 if keep is None else x2 * noise.reshape(x2.shape)
         hT = A @ xd.to(A.dtype).T  # (r, N)
         if y.dtype == A.dtype:
             y.addmm_(hT.T, B.T, alpha=c)
@@ -438,7 +440,7 @@ class _LoraLinear(torch.autograd.Function):
             gA = ghT @ xd.to(A.dtype)
         if need_B:
             gB = (hT @ gyl).T * c
-        return gx, gW, gb, gA, gB, None, None, None
+        return gx, gW, gb, gA, gB, None, None, None, None
 
 
 class SavedModule(nn.Module):
