@@ -21,8 +21,9 @@ Adapters get a non-zero B (N(0, --b-std)) in lorakit and PEFT alike.
               torch.inference_mode): lorakit unmerged all-linear r8 / base, PEFT / base, lorakit merged / base.
     memory    one child process per configuration (this script with --child memory --config NAME): AdamW over the
               trainable parameters (none for frozen), 2 warm-up steps, then the peak RSS (VmHWM after resetting it
-              through /proc/self/clear_refs) of one more step; and the bytes autograd saves for backward in one forward
-              (non-parameter storages, counted once).
+              through /proc/self/clear_refs) of one more step, with MALLOC_MMAP_THRESHOLD_=65536 so that glibc gives
+              freed blocks back and RSS follows the live tensors; and the bytes autograd saves for backward in one
+              forward (non-parameter storages, counted once).
     load      lorakit.load of an all-linear r8 adapter (210 modules) onto a fresh base, loading a second one,
               set_weights switching between the two (and whether any parameter's storage moves), vs PEFT's
               PeftModel.from_pretrained, load_adapter, set_adapter.
@@ -45,6 +46,7 @@ import contextlib
 import copy
 import gc
 import json
+import os
 import random
 import statistics
 import tempfile
@@ -359,6 +361,9 @@ def memory_child(args) -> dict:
 
 def memory(args, rows: Rows) -> dict:
     print("\n== memory: one child process per configuration", flush=True)
+    # glibc keeps freed blocks above its (adaptive) mmap threshold for reuse, so RSS would keep what the warm-up steps
+    # freed; a fixed threshold returns every large block at once and the peak RSS follows the live tensors
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     skip = {"lorakit all-linear d0.05 reference": None if use_fast_fn() else "lorakit.core.layers.use_fast does "
                                                                               "not exist (not landed yet)",
             "lorakit all-linear d0.05 fast_dropout": fast_dropout_missing()}
