@@ -77,6 +77,8 @@ class LoraLayer(nn.Module):
     Embedding: A (r x num), B (dim x r), y = E[x] + s * A^T[x] @ B^T; no dropout on indices.
     Serving: per-row sets (model.set_rows): rows sharing a set form a group, and a linear layer runs one pair of
     batched products for all its groups, over slots that keep each set's factors while they are unchanged.
+    Speed: a plain nn.Linear runs base and update as one autograd node (_LoraLinear), tested against the reference
+    path above (use_fast(False)); after prepare_hotswap the layer reads fixed-shape factors that swaps overwrite.
     """
 
     lora_A: nn.ParameterDict
@@ -89,7 +91,7 @@ class LoraLayer(nn.Module):
         self.lora_alpha: dict[str, float] = {}
         self.lora_scale: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = {}
-        self.lora_fast_dropout: dict[str, bool] = {}  # masks from 16-bit random numbers, shared by sibling layers
+        self.lora_fast_dropout: dict[str, bool] = {}  # dropout masks from 15-bit random numbers (dropout_draw)
         self.lora_weights: dict[str, float] = {}  # the active adapters and their weights
         self.lora_merged: dict[str, float] = {}  # the adapters merge() added to the weight
         self.lora_premerge: torch.Tensor | None = None  # the weight as merge() found it, for an exact unmerge
@@ -221,7 +223,7 @@ class LoraLayer(nn.Module):
         """Whether the fused path computes exactly what the reference path would: a plain nn.Linear base, floating
         input of the weight's dtype, no autocast (whose casts the reference path gets from F.linear)."""
         return (_FUSED and self.lora_kind == "linear" and type(self).__mro__[2].forward is nn.Linear.forward
-                and x.dtype == self.weight.dtype and x.dim() >= 1 and not torch.is_autocast_enabled(x.device.type))
+                and x.dtype == self.weight.dtype and not torch.is_autocast_enabled(x.device.type))
 
     @torch.no_grad()
     def lora_hot_write(self, rank: int | None = None):
@@ -533,9 +535,9 @@ def swap_out(module: nn.Module) -> nn.Module:
             del module._modules[attr]
     for attr in ("lora_hot_A", "lora_hot_B"):
         module._buffers.pop(attr, None)
-    for attr in ("lora_kind", "lora_alpha", "lora_scale", "lora_dropout", "lora_fast_dropout", "lora_weights", "lora_merged",
-                 "lora_premerge", "lora_guarded", "lora_rows", "lora_slots", "lora_slot_A", "lora_slot_B", "disabled",
-                 "_lora_hook"):
+    for attr in ("lora_kind", "lora_alpha", "lora_scale", "lora_dropout", "lora_fast_dropout", "lora_weights",
+                 "lora_merged", "lora_premerge", "lora_guarded", "lora_rows", "lora_slots", "lora_slot_A", "lora_slot_B",
+                 "disabled", "_lora_hook"):
         module.__dict__.pop(attr, None)
     module.__class__ = type(module).__mro__[2]
     return module
