@@ -8,8 +8,10 @@ loading/switching and hot-swapping under torch.compile, each against the frozen 
     OMP_NUM_THREADS=2 .venv/bin/python bench/perf.py --sections hotswap --compile-backend aot_eager
 
 Model: SmolLM2-135M (fp32, 30 layers), a seeded random batch of --batch x --seq token ids, --threads torch threads.
-The machine is noisy, so the models of a section live side by side in one process and run in --rounds interleaved
+The machine is noisy, so the models compared live side by side in one process and run in --rounds interleaved
 rounds (a shuffled order each round, warm-up steps first); a ratio is the median over rounds of that round's ratio.
+Training speed runs one group per configuration (frozen, lorakit, its reference path, PEFT), so that only a few
+model copies are in memory at once (with all eleven at once, steps ran slower and noisier).
 Adapters get a non-zero B (N(0, --b-std)) in lorakit and PEFT alike.
 
     speed     a train step = forward with labels=ids + loss.backward() (no optimizer, grads set to None after).
@@ -231,24 +233,28 @@ def speed(args, base, rows: Rows, dtype, device, section) -> dict:
     m0 = copy.deepcopy(base).to(device=device, dtype=dtype)
     ids = make_batch(args, m0, device)
     clone = lambda: copy.deepcopy(m0)
-    models = {"frozen": (make_frozen(clone()), None)}
+    frozen = make_frozen(clone())
     ref_ok = use_fast_fn() is not None
     fd_why = fast_dropout_missing()
-    for c, (targets, p) in CONFIGS.items():
-        models[f"lorakit {c}"] = (make_lorakit(clone(), targets, p, fast=True, std=args.b_std), True)
+    peaks, out = {}, {"train_median_s": {}, "train_s": {}}
+    # one group of models per configuration, each interleaved with the frozen base: a few models in memory at a time
+    for gi, (c, (targets, p)) in enumerate(CONFIGS.items()):
+        models = {"frozen": (frozen, None),
+                  f"lorakit {c}": (make_lorakit(clone(), targets, p, fast=True, std=args.b_std), True)}
         if ref_ok:
             models[f"lorakit {c} reference"] = (make_lorakit(clone(), targets, p, fast=False, std=args.b_std), False)
         models[f"PEFT {c}"] = (make_peft(clone(), targets, p, std=args.b_std), None)
-    if fd_why is None:
-        models[f"lorakit {FD}"] = (make_lorakit(clone(), "all-linear", 0.05, fast=True, std=args.b_std,
-                                                fast_dropout=True), True)
-    peaks = {}
-    fns = {k: (lambda m=m, f=f, k=k: train_step(m, ids, f, device, peaks, k)) for k, (m, f) in models.items()}
-    times = interleave(fns, args.rounds, args.warmup, random.Random(args.seed))
-    out = {"train_median_s": {k: statistics.median(v) for k, v in times.items()}, "train_s": times}
-    rows.add(section, f"train {tag}: frozen s/step", out["train_median_s"]["frozen"],
-             text=f"{out['train_median_s']['frozen']:.3f} s")
-    for c in CONFIGS:
+        if fd_why is None and c == "all-linear r8 d0.05":
+            models[f"lorakit {FD}"] = (make_lorakit(clone(), "all-linear", 0.05, fast=True, std=args.b_std,
+                                                    fast_dropout=True), True)
+        fns = {k: (lambda m=m, f=f, k=k: train_step(m, ids, f, device, peaks, k)) for k, (m, f) in models.items()}
+        times = interleave(fns, args.rounds, args.warmup, random.Random(args.seed + gi))
+        for k, v in times.items():
+            key = f"frozen ({c})" if k == "frozen" else k
+            out["train_s"][key], out["train_median_s"][key] = v, statistics.median(v)
+        if gi == 0:
+            rows.add(section, f"train {tag}: frozen s/step", statistics.median(times["frozen"]),
+                     text=f"{statistics.median(times['frozen']):.3f} s")
         rows.add(section, f"train {tag}: lorakit {c} / frozen", ratio(times, f"lorakit {c}", "frozen"),
                  goal=("<=", TRAIN_GOAL[c]))
         if ref_ok:
@@ -257,22 +263,24 @@ def speed(args, base, rows: Rows, dtype, device, section) -> dict:
         rows.add(section, f"train {tag}: PEFT {c} / frozen", ratio(times, f"PEFT {c}", "frozen"))
         rows.add(section, f"train {tag}: lorakit {c} / PEFT", ratio(times, f"lorakit {c}", f"PEFT {c}"),
                  goal=("<=", 0.85) if c == "all-linear r8 d0.05" else None)
+        if f"lorakit {FD}" in models:
+            rows.add(section, f"train {tag}: lorakit {FD} / frozen", ratio(times, f"lorakit {FD}", "frozen"),
+                     goal=("<=", TRAIN_GOAL["all-linear r8 d0.05"]))
+            rows.add(section, f"train {tag}: lorakit {FD} / PEFT all-linear r8 d0.05",
+                     ratio(times, f"lorakit {FD}", "PEFT all-linear r8 d0.05"), goal=("<=", 0.85))
+        del models, fns
+        gc.collect()
     if not ref_ok:
         rows.add(section, f"train {tag}: lorakit reference path rows",
                  skip="lorakit.core.layers.use_fast does not exist (not landed yet)")
-    if fd_why is None:
-        rows.add(section, f"train {tag}: lorakit {FD} / frozen", ratio(times, f"lorakit {FD}", "frozen"),
-                 goal=("<=", TRAIN_GOAL["all-linear r8 d0.05"]))
-        rows.add(section, f"train {tag}: lorakit {FD} / PEFT all-linear r8 d0.05",
-                 ratio(times, f"lorakit {FD}", "PEFT all-linear r8 d0.05"), goal=("<=", 0.85))
-    else:
+    if fd_why is not None:
         rows.add(section, f"train {tag}: lorakit {FD}", skip=fd_why)
     if peaks:
         out["train_peak_mib"] = dict(peaks)
         for k, v in peaks.items():
             rows.add(section, f"train {tag}: peak step memory {k} / frozen", v / peaks["frozen"],
                      text=f"{v:.0f} MiB = {v / peaks['frozen']:.3f}x")
-    del models, fns
+    del frozen
     gc.collect()
 
     inf = {"base": m0.eval().requires_grad_(False),
