@@ -233,3 +233,25 @@ def test_hotswap_refuses_what_would_not_fit_and_changes_nothing(tmp_path):
     with pytest.raises(lorakit.LoraError, match="did not prepare"):
         lorakit.inject(plain, lorakit.LoraConfig(r=2, targets=["k_proj"]), name="k")
     assert lorakit.adapters(plain) == ["default"]
+    saved = tiny()
+    lorakit.inject(saved, lorakit.LoraConfig(r=2, targets=["q_proj"], modules_to_save=["lm_head"]))
+    with pytest.raises(lorakit.LoraError, match="modules_to_save"):
+        lorakit.prepare_hotswap(saved, max_rank=4)
+
+
+def test_hotswap_prepares_named_modules_that_have_no_adapter_yet(tmp_path):
+    _, _, _, files = compiled_pair(tmp_path, prepare=False)  # b: r8 on q_proj and v_proj
+    model = tiny().eval()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, targets=["q_proj"], init=False), name="q")
+    twin = copy.deepcopy(model)
+    lorakit.prepare_hotswap(model, max_rank=10, target_modules=["q_proj", "v_proj"])
+    fast = torch.compile(model, backend="eager")
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        fast(ids)
+        graphs = counters["stats"]["unique_graphs"]
+        for op, arg in [("load", "b"), ("set", {"q": 1.0, "b": 0.5})]:
+            do(model, op, arg, files)
+            do(twin, op, arg, files)
+            assert (fast(ids).logits - twin(ids).logits).abs().max() <= 1e-5
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -191,7 +191,7 @@ class LoraLayer(nn.Module):
         return conv(h, B, None, 1, 0, 1, self.groups)
 
     def forward(self, x, *args, **kwargs):
-        if "lora_hot_A" in self._buffers and not (self.disabled or self.lora_merged or self.lora_rows is not None):
+        if is_hot(self) and not (self.disabled or self.lora_merged or self.lora_rows is not None):
             A, B = self.lora_hot_A, self.lora_hot_B  # no Python state that a swap changes: a compiled graph holds
             if not args and not kwargs and self.lora_fusable(x):
                 return _LoraLinear.apply(x, self.weight, self.bias, A, B, 1.0, None, None, 0.0)
@@ -541,6 +541,11 @@ def swap_out(module: nn.Module) -> nn.Module:
         module.__dict__.pop(attr, None)
     module.__class__ = type(module).__mro__[2]
     return module
+
+
+def is_hot(module: nn.Module) -> bool:
+    """Whether prepare_hotswap gave this layer fixed-shape factors."""
+    return "lora_hot_A" in module._buffers
 
 
 def is_lora(module: nn.Module) -> bool:

@@ -16,7 +16,7 @@ from lorakit.core.config import LoraConfig, scale
 from lorakit.core.errors import LoraError
 from lorakit.core.guard import GUARDS, Part
 from lorakit.core.guard import guard as guarded
-from lorakit.core.layers import LoraLayer, SavedModule, fresh_copy, is_lora, swap_in, swap_out
+from lorakit.core.layers import LoraLayer, SavedModule, fresh_copy, is_hot, is_lora, swap_in, swap_out
 from lorakit.core.targeting import check_patterns, closest, find_targets, matches, plain_modules
 
 
@@ -119,8 +119,8 @@ def add_adapter(model: nn.Module, name: str, ranks: dict[str, tuple[int, float]]
     if any(m.lora_merged for m in lora_modules(model).values()):  # activating it would need an unmerge
         raise LoraError("the model has merged adapters; unmerge(model) before adding another")
     modules = plain_modules(model)
-    if any(isinstance(m, LoraLayer) and "lora_hot_A" in m._buffers for m in modules.values()):  # prepare_hotswap
-        if cold := [p for p in ranks if not isinstance(modules[p], LoraLayer) or "lora_hot_A" not in modules[p]._buffers]:
+    if any(isinstance(m, LoraLayer) and is_hot(m) for m in modules.values()):  # after prepare_hotswap
+        if cold := [p for p in ranks if not isinstance(modules[p], LoraLayer) or not is_hot(modules[p])]:
             raise LoraError(f"adapter {name!r} adapts {cold[0]!r}, which prepare_hotswap did not prepare (a compiled "
                             "model would recompile); prepare_hotswap with target_modules covering it, before compiling")
         if saved:
@@ -157,9 +157,9 @@ def _remove(model: nn.Module, name: str):
     for m in lora_modules(model).values():
         if name in m.lora_names():
             m.lora_remove(name)
-            if "lora_hot_A" in m._buffers:
+            if is_hot(m):
                 m.lora_hot_write()
-        if not m.lora_names() and "lora_hot_A" not in m._buffers:  # a hot layer stays, with zero factors
+        if not m.lora_names() and not is_hot(m):  # a hot layer stays, with zero factors
             swap_out(m)
     for m in model.modules():
         getattr(m, "lora_adapters", {}).pop(name, None)
@@ -216,7 +216,7 @@ def set_weights(model: nn.Module, weights: dict[str, float] | list[str] | str, g
             A0, B0 = m.lora_A[next(iter(on[path]))], m.lora_B[next(iter(on[path]))]
             guards[path] = (p.A.reshape(-1, *A0.shape[1:]).to(A0.dtype), p.B.reshape(*p.B.shape, *B0.shape[2:]).to(B0.dtype))
     for path, m in layers.items():  # every hot layer's rank checked before any layer changes
-        if isinstance(m, LoraLayer) and "lora_hot_A" in m._buffers:
+        if isinstance(m, LoraLayer) and is_hot(m):
             r = guards[path][0].shape[0] if path in guards else sum(m.lora_A[n].shape[0] for n in on[path])
             if r > m.lora_hot_A.shape[0]:
                 raise LoraError(f"these adapters have rank {r} together at {path!r}, more than the "
@@ -226,7 +226,7 @@ def set_weights(model: nn.Module, weights: dict[str, float] | list[str] | str, g
         m.lora_weights = on[path]
         if isinstance(m, LoraLayer):
             m.lora_guarded = guards.get(path)
-            if "lora_hot_A" in m._buffers:
+            if is_hot(m):
                 m.lora_hot_write()
     _freeze_for(model)
     if guard:
@@ -288,6 +288,9 @@ def prepare_hotswap(model: nn.Module, max_rank: int, target_modules: list[str] |
         raise LoraError(f"prepare_hotswap: max_rank must be a positive integer, got {max_rank!r}")
     if any(m.lora_merged for m in lora_modules(model).values()):
         raise LoraError("the model has merged adapters; unmerge(model) before prepare_hotswap")
+    if saved := [n for n, m in lora_modules(model).items() if isinstance(m, SavedModule)]:
+        raise LoraError(f"module {saved[0]!r} is replaced whole by an adapter (modules_to_save), which hot-swap "
+                        "cannot pad; merge that adapter, or delete it before prepare_hotswap")
     modules = plain_modules(model)
     extra = find_targets(model, target_modules, None) if target_modules is not None else []
     layers = {n: m for n, m in modules.items() if isinstance(m, LoraLayer) or n in extra}

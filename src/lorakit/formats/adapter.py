@@ -18,7 +18,7 @@ from torch import nn
 from lorakit.core.components import component_of, is_pipeline_view, split_component
 from lorakit.core.config import LoraConfig
 from lorakit.core.errors import LoraError, warn
-from lorakit.core.layers import LoraLayer, SavedModule, factor_shapes, kind_of
+from lorakit.core.layers import LoraLayer, SavedModule, factor_shapes, is_hot, kind_of
 from lorakit.core.model import adapter_biases, adapter_infos, add_adapter, check_name, lora_modules
 from lorakit.core.targeting import closest, plain_modules
 
@@ -211,7 +211,7 @@ def apply(model: nn.Module, adapter: Adapter, name: str, source: str = "adapter"
             m = names[paths[path]]
             m.lora_A[name].copy_(ml.A)
             m.lora_B[name].copy_(ml.B)
-            if "lora_hot_A" in m._buffers:  # prepare_hotswap: the active set now has its loaded factors
+            if is_hot(m):  # prepare_hotswap: the active set now has its loaded factors
                 m.lora_hot_write()
         for path, sd in adapter.saved.items():
             names[paths[path]].lora_copies[name].load_state_dict(sd)
