@@ -78,34 +78,18 @@ MEMORY = {  # child config -> (kind, targets, dropout, fast, extra LoraConfig fi
 SECTIONS = ("speed", "memory", "load", "hotswap", "gpu")
 
 
-# --- what the library offers now (parts of issue 13 are being added) ----------------------------------------------------
-def use_fast_fn():
-    from lorakit.core import layers
-    return getattr(layers, "use_fast", None)
-
-
-def fast_dropout_missing() -> str | None:
-    """Why LoraConfig(fast_dropout=True) cannot be made, or None."""
-    import lorakit
-    try:
-        lorakit.LoraConfig(fast_dropout=True)
-    except Exception as e:  # noqa: BLE001 (TypeError until the field lands)
-        return f"LoraConfig(fast_dropout=True) is rejected: {type(e).__name__}: {e}"
-    return None
-
-
 @contextlib.contextmanager
 def path(fast: bool | None):
     """Run lorakit on its fast path (True), its reference path (False), or leave it as it is (None)."""
-    f = use_fast_fn()
-    if fast is None or f is None:
+    from lorakit.core.layers import use_fast
+    if fast is None:
         yield
         return
-    f(fast)
+    use_fast(fast)
     try:
         yield
     finally:
-        f(True)
+        use_fast(True)
 
 
 # --- models ---------------------------------------------------------------------------------------------------------------
@@ -234,17 +218,14 @@ def speed(args, base, rows: Rows, dtype, device, section) -> dict:
     ids = make_batch(args, m0, device)
     clone = lambda: copy.deepcopy(m0)
     frozen = make_frozen(clone())
-    ref_ok = use_fast_fn() is not None
-    fd_why = fast_dropout_missing()
     peaks, out = {}, {"train_median_s": {}, "train_s": {}}
     # one group of models per configuration, each interleaved with the frozen base: a few models in memory at a time
     for gi, (c, (targets, p)) in enumerate(CONFIGS.items()):
         models = {"frozen": (frozen, None),
                   f"lorakit {c}": (make_lorakit(clone(), targets, p, fast=True, std=args.b_std), True)}
-        if ref_ok:
-            models[f"lorakit {c} reference"] = (make_lorakit(clone(), targets, p, fast=False, std=args.b_std), False)
+        models[f"lorakit {c} reference"] = (make_lorakit(clone(), targets, p, fast=False, std=args.b_std), False)
         models[f"PEFT {c}"] = (make_peft(clone(), targets, p, std=args.b_std), None)
-        if fd_why is None and c == "all-linear r8 d0.05":
+        if c == "all-linear r8 d0.05":
             models[f"lorakit {FD}"] = (make_lorakit(clone(), "all-linear", 0.05, fast=True, std=args.b_std,
                                                     fast_dropout=True), True)
         fns = {k: (lambda m=m, f=f, k=k: train_step(m, ids, f, device, peaks, k)) for k, (m, f) in models.items()}
@@ -257,9 +238,8 @@ def speed(args, base, rows: Rows, dtype, device, section) -> dict:
                      text=f"{statistics.median(times['frozen']):.3f} s")
         rows.add(section, f"train {tag}: lorakit {c} / frozen", ratio(times, f"lorakit {c}", "frozen"),
                  goal=("<=", TRAIN_GOAL[c]))
-        if ref_ok:
-            rows.add(section, f"train {tag}: lorakit {c} reference path / frozen",
-                     ratio(times, f"lorakit {c} reference", "frozen"))
+        rows.add(section, f"train {tag}: lorakit {c} reference path / frozen",
+                 ratio(times, f"lorakit {c} reference", "frozen"))
         rows.add(section, f"train {tag}: PEFT {c} / frozen", ratio(times, f"PEFT {c}", "frozen"))
         rows.add(section, f"train {tag}: lorakit {c} / PEFT", ratio(times, f"lorakit {c}", f"PEFT {c}"),
                  goal=("<=", 0.85) if c == "all-linear r8 d0.05" else None)
@@ -270,11 +250,6 @@ def speed(args, base, rows: Rows, dtype, device, section) -> dict:
                      ratio(times, f"lorakit {FD}", "PEFT all-linear r8 d0.05"), goal=("<=", 0.85))
         del models, fns
         gc.collect()
-    if not ref_ok:
-        rows.add(section, f"train {tag}: lorakit reference path rows",
-                 skip="lorakit.core.layers.use_fast does not exist (not landed yet)")
-    if fd_why is not None:
-        rows.add(section, f"train {tag}: lorakit {FD}", skip=fd_why)
     if peaks:
         out["train_peak_mib"] = dict(peaks)
         for k, v in peaks.items():
@@ -372,14 +347,8 @@ def memory(args, rows: Rows) -> dict:
     # glibc keeps freed blocks above its (adaptive) mmap threshold for reuse, so RSS would keep what the warm-up steps
     # freed; a fixed threshold returns every large block at once and the peak RSS follows the live tensors
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    skip = {"lorakit all-linear d0.05 reference": None if use_fast_fn() else "lorakit.core.layers.use_fast does "
-                                                                              "not exist (not landed yet)",
-            "lorakit all-linear d0.05 fast_dropout": fast_dropout_missing()}
     found = {}
     for name in MEMORY:
-        if skip.get(name):
-            rows.add("memory", name, skip=skip[name])
-            continue
         found[name] = run_child(__file__, ["--child", "memory", "--config", name,
                                            *flags(args, ["threads", "batch", "seq", "seed", "b_std"])])
         found[name].pop("process_wall_s", None)
@@ -469,11 +438,7 @@ def hotswap(args, base, rows: Rows, work: Path) -> dict:
     import lorakit
 
     print(f"\n== hotswap: prepare_hotswap + torch.compile(backend={args.compile_backend!r})", flush=True)
-    prepare = getattr(lorakit, "prepare_hotswap", None)
-    if prepare is None:
-        rows.add("hotswap", "prepare_hotswap + torch.compile", skip="lorakit.prepare_hotswap does not exist (not "
-                                                                     "landed yet)")
-        return {"skipped": "lorakit.prepare_hotswap does not exist"}
+    prepare = lorakit.prepare_hotswap
     from torch._dynamo.utils import counters
 
     files = {}
@@ -595,8 +560,7 @@ def main(argv=None):
     total = time.perf_counter() - started
     import peft
     setup = {k: v for k, v in vars(args).items() if k not in ("child", "config")}
-    setup.update(torch=torch.__version__, peft=peft.__version__, total_wall_s=total,
-                 use_fast=use_fast_fn() is not None, fast_dropout=fast_dropout_missing() is None)
+    setup.update(torch=torch.__version__, peft=peft.__version__, total_wall_s=total)
     notes = (f"SmolLM2-135M, batch {args.batch}x{args.seq} random token ids, {args.threads} torch threads, "
              f"{args.rounds} interleaved rounds after {args.warmup} warm-up calls (ratios: medians of per-round "
              f"ratios), torch {torch.__version__}, PEFT {peft.__version__}; {'--quick; ' if args.quick else ''}"
