@@ -26,6 +26,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "LoraConfig", "LoraError", "LoraLayer", "ModuleLora", "SavedModule", "active", "adapters", "analyze",
-    "combine", "delete", "disabled", "extract", "inject", "load", "merge", "merge_into", "per_row", "prepare_hotswap", "read", "resize",
-    "save", "set_rows", "set_weights", "summary", "unload", "unmerge",
+    "combine", "delete", "disabled", "extract", "inject", "load", "merge", "merge_into", "per_row", "prepare_hotswap",
+    "read", "resize", "save", "set_rows", "set_weights", "summary", "unload", "unmerge",
 ]
