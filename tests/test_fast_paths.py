@@ -1,6 +1,6 @@
 """Fast paths equal the reference path: the fused linear layer (outputs and gradients within 1e-5 in fp32, the same
-dropout masks from the same seed), fast dropout's rate, what a layer keeps for backward, switching without copying,
-and hot-swap under torch.compile without recompiling."""
+dropout masks from the same seed, eager and compiled), fast dropout's rate, what a layer keeps for backward,
+switching without copying, and hot-swap under torch.compile without recompiling."""
 
 import copy
 
@@ -255,3 +255,18 @@ def test_hotswap_prepares_named_modules_that_have_no_adapter_yet(tmp_path):
             do(twin, op, arg, files)
             assert (fast(ids).logits - twin(ids).logits).abs().max() <= 1e-5
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_the_fused_path_trains_under_torch_compile():
+    m = tiny()
+    lorakit.inject(m, lorakit.LoraConfig(r=4, targets="all-linear", init=False))
+    m.train()
+    ids = torch.randint(0, 64, (2, 9))
+    torch._dynamo.reset()
+    loss = torch.compile(m, backend="aot_eager")(input_ids=ids, labels=ids).loss
+    loss.backward()
+    compiled = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    _, grads = step(m, ids, fused=False)
+    assert compiled.keys() == grads.keys() and grads
+    for n in grads:
+        assert (compiled[n] - grads[n]).abs().max() <= 1e-5 * max(1e-3, grads[n].abs().max().item()), n
