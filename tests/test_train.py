@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 from conftest import assert_same_adapter, killed_at, launch_two
 from safetensors.torch import load_file
@@ -151,3 +152,25 @@ def test_bf16_autocast_trains_fp32_adapters(setup):
     assert bf16["eval_loss"] < bf16["eval_loss_before"] - 0.15  # it learned
     assert 0 < abs(bf16["eval_loss"] - fp32["eval_loss"]) < 0.01
     assert {t.dtype for t in load_file(bf16["adapter"]).values()} == {__import__("torch").float32}
+
+
+def test_lora_plus_trains_b_at_ratio_times_the_learning_rate(setup):
+    """Adam's first step moves every parameter by ±lr; B starts at zero and A gets no gradient through it yet."""
+    files = {}
+    for ratio in (None, 16.0):
+        out = setup / f"run-{ratio}"
+        train(config(setup, out=str(out), max_steps=1, dropout=0.0, lora_plus_ratio=ratio))
+        files[ratio] = load_file(str(out / "adapter.safetensors"))
+    plain, plus = files[None], files[16.0]
+    bs = [k for k in plain if k.endswith(".B")]
+    assert bs and len(bs) == len([k for k in plain if k.endswith(".A")])
+    for k in plain:
+        if k.endswith(".B"):
+            assert plain[k].abs().max().item() == pytest.approx(1e-2, rel=1e-3)
+            assert plus[k].abs().max().item() == pytest.approx(16e-2, rel=1e-3)
+        else:
+            assert torch.equal(plain[k], plus[k])
+    with pytest.raises(LoraError, match="needs LoRA factors"):
+        train(config(setup, out=str(setup / "full"), max_steps=1, full_finetune=True, lora_plus_ratio=4.0))
+    with pytest.raises(LoraError, match="positive"):
+        train(config(setup, out=str(setup / "neg"), max_steps=1, lora_plus_ratio=-1.0))

@@ -230,3 +230,19 @@ def test_loss_options_run_and_v_prediction_uses_the_velocity(sd_setup):
     t = torch.tensor([10, 900])
     snr = s.alphas_cumprod[t] / (1 - s.alphas_cumprod[t])
     assert torch.allclose(snr_weights(s.alphas_cumprod, t, 5.0, "v_prediction"), torch.clamp(snr, max=5) / (snr + 1))
+
+
+def test_lora_plus_trains_b_at_ratio_times_each_groups_rate(sd_setup):
+    """Adam's first step moves B (zero at start) by ±lr: the UNet's lr and the text encoder's text_lr, times 16."""
+    read = {}
+    for ratio in (None, 16.0):
+        out = sd_setup / f"run-{ratio}"
+        train_sd(config(sd_setup, out=str(out), max_steps=1, validation_prompts=[], text_encoder=True,
+                        lora_plus_ratio=ratio))
+        read[ratio] = lorakit.read(out / "adapter.safetensors")[0].modules
+    for path, m in read[None].items():
+        lr = 1e-2 if path.startswith("unet.") else 5e-5
+        assert m.B.abs().max().item() == pytest.approx(lr, rel=1e-3), path
+        assert read[16.0][path].B.abs().max().item() == pytest.approx(16 * lr, rel=1e-3), path
+        assert torch.equal(m.A, read[16.0][path].A)
+    assert any(p.startswith("text_encoder.") for p in read[None])

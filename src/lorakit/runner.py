@@ -91,6 +91,25 @@ def setup(trainer, cfg) -> bool:
     return on_cpu
 
 
+def lora_plus(groups: list[dict], models, ratio: float | None) -> list[dict]:
+    """LoRA+ (Hayou et al. 2024), as PEFT's create_loraplus_optimizer: in each optimizer group, the B factors and the
+    trained 1-D parameters (biases) learn at `ratio` times the group's rate; None leaves the groups as they are."""
+    if ratio is None:
+        return groups
+    if not ratio > 0:
+        raise LoraError(f"lora_plus_ratio must be a positive number (B's learning rate / A's), got {ratio!r}")
+    factors = {id(p) for m in models for n, p in m.named_parameters() if "lora_B" in n.split(".")}
+    fast = factors | {id(p) for m in models for p in m.parameters() if p.ndim == 1}
+    if not any(id(p) in factors for g in groups for p in g["params"]):
+        raise LoraError("lora_plus_ratio needs LoRA factors to train; this run trains none (full fine-tuning?)")
+    out = []
+    for g in groups:
+        slow = [p for p in g["params"] if id(p) not in fast]
+        quick = [p for p in g["params"] if id(p) in fast]
+        out += [{**g, "params": ps, "lr": lr} for ps, lr in [(slow, g["lr"]), (quick, g["lr"] * ratio)] if ps]
+    return out
+
+
 def step_indices(n: int, seed: int, step: int, per_step: int) -> list[int]:
     """The example indices of global step `step`: epochs are seeded permutations laid end to end."""
     out, start = [], step * per_step

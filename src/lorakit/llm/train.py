@@ -37,6 +37,7 @@ class TrainConfig:
     out: str = "run"
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=8, alpha=16, dropout=0.05))
     lr: float = 2e-4
+    lora_plus_ratio: float | None = None  # LoRA+: B factors learn at lr x this ratio (the paper suggests 16)
     epochs: float = 1.0
     max_steps: int | None = None
     batch_size: int = 8  # examples per process per micro-step
@@ -160,7 +161,8 @@ class Trainer:
 
         self.per_step = cfg.batch_size * cfg.grad_accum * acc.num_processes
         self.total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.rows) / self.per_step))
-        opt = torch.optim.AdamW(self.trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(runner.lora_plus([{"params": self.trained, "lr": cfg.lr}], [model], cfg.lora_plus_ratio),
+                                lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=round(cfg.warmup * self.total),
                                    num_training_steps=self.total)
         self.model, self.opt = acc.prepare(model, opt)

@@ -58,6 +58,7 @@ class SDTrainConfig:
     text_encoder: bool = False  # also LoRA (same settings) on the text encoders' q/k/v/out_proj
     full_finetune: bool = False  # train every UNet weight (and the text encoder's with text_encoder=True)
     lr: float = 1e-4
+    lora_plus_ratio: float | None = None  # LoRA+: B factors learn at lr (text_lr) x this ratio
     text_lr: float = 5e-5
     resolution: int = 512
     center_crop: bool = True
@@ -237,7 +238,7 @@ class Trainer:
             groups.append({"params": [self.embedding], "lr": cfg.ti_lr, "weight_decay": 0.0})
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        self.groups = groups
+        self.groups = groups = runner.lora_plus(groups, [unet, *texts], cfg.lora_plus_ratio)
         self.params = {f"p{i}.{j}": p for i, grp in enumerate(groups) for j, p in enumerate(grp["params"])}
         self.ti_steps = cfg.ti_steps if cfg.mode == "pivotal" else 0
         self.total = self.ti_steps + cfg.max_steps
