@@ -200,7 +200,7 @@ def describe(tp, short: bool = False) -> str:
 
 
 # settings where 0 or less means nothing sensible (a division by zero, no training step, no image)
-POSITIVE = {"lr", "text_lr", "ti_lr", "epochs", "max_steps", "batch_size", "grad_accum", "max_length", "num_beams",
+POSITIVE = {"lr", "lora_plus_ratio", "text_lr", "ti_lr", "epochs", "max_steps", "batch_size", "grad_accum", "max_length", "num_beams",
             "resolution", "num_validation_images", "validation_steps"}
 
 

@@ -96,8 +96,6 @@ def lora_plus(groups: list[dict], models, ratio: float | None) -> list[dict]:
     trained 1-D parameters (biases) learn at `ratio` times the group's rate; None leaves the groups as they are."""
     if ratio is None:
         return groups
-    if not ratio > 0:
-        raise LoraError(f"lora_plus_ratio must be a positive number (B's learning rate / A's), got {ratio!r}")
     factors = {id(p) for m in models for n, p in m.named_parameters() if "lora_B" in n.split(".")}
     fast = factors | {id(p) for m in models for p in m.parameters() if p.ndim == 1}
     if not any(id(p) in factors for g in groups for p in g["params"]):
