@@ -200,8 +200,8 @@ def describe(tp, short: bool = False) -> str:
 
 
 # settings where 0 or less means nothing sensible (a division by zero, no training step, no image)
-POSITIVE = {"lr", "lora_plus_ratio", "text_lr", "ti_lr", "epochs", "max_steps", "batch_size", "grad_accum", "max_length", "num_beams",
-            "resolution", "num_validation_images", "validation_steps"}
+POSITIVE = {"lr", "lora_plus_ratio", "text_lr", "ti_lr", "epochs", "max_steps", "batch_size", "grad_accum",
+            "max_length", "num_beams", "resolution", "num_validation_images", "validation_steps"}
 
 
 def check(cfg):

@@ -191,19 +191,22 @@ class LoraLayer(nn.Module):
         return conv(h, B, None, 1, 0, 1, self.groups)
 
     def forward(self, x, *args, **kwargs):
-        if is_hot(self) and not (self.disabled or self.lora_merged or self.lora_rows is not None):
-            A, B = self.lora_hot_A, self.lora_hot_B  # no Python state that a swap changes: a compiled graph holds
+        if self.disabled or self.lora_merged:
+            return super().forward(x, *args, **kwargs)
+        if self.lora_rows is not None:
+            return self.lora_rows_update(x, super().forward(x, *args, **kwargs))
+        if is_hot(self):  # before reading lora_weights: no Python state that a swap changes, so a compiled graph holds
+            A, B = self.lora_hot_A, self.lora_hot_B
             if not args and not kwargs and self.lora_fusable(x):
                 return _LoraLinear.apply(x, self.weight, self.bias, A, B, 1.0, None, None, 0.0)
             y = super().forward(x, *args, **kwargs)
             return y + self.lora_apply(x, A, B).to(y.dtype)
-        if self.disabled or self.lora_merged or self.lora_rows is not None or not self.lora_weights:
-            y = super().forward(x, *args, **kwargs)
-            return y if self.lora_rows is None or self.disabled or self.lora_merged else self.lora_rows_update(x, y)
+        if not self.lora_weights:
+            return super().forward(x, *args, **kwargs)
         by_dropout: dict[tuple, dict[str, float]] = {}
         for n, w in self.lora_weights.items():
             p = self.lora_dropout[n] if self.training else 0.0
-            by_dropout.setdefault((p, p > 0 and self.lora_fast_dropout.get(n, False)), {})[n] = w
+            by_dropout.setdefault((p, p > 0 and self.lora_fast_dropout[n]), {})[n] = w
         if len(by_dropout) == 1 and not args and not kwargs and self.lora_fusable(x):
             (p, fast), weights = next(iter(by_dropout.items()))
             if len(weights) == 1 and self.lora_guarded is None:  # w·s applied to the product, not copied into B
@@ -367,7 +370,7 @@ def dropout_draw(x: torch.Tensor, p: float, fast: bool) -> tuple[torch.Tensor, t
     """A dropout draw for x: which elements it keeps (uint8 0/1, one byte each, what backward keeps) and the factor
     x is multiplied by (keep / (1 - p), in x's dtype). Exact: torch's own Bernoulli draw, so the factor equals
     F.dropout's from the same seed, bit for bit. Fast (LoraConfig.fast_dropout): 15-bit random numbers, four per
-    64-bit draw (about 5x cheaper on CPU), p rounded to a multiple of 1/32768."""
+    64-bit draw (4 to 5 times cheaper on CPU), p rounded to a multiple of 1/32768."""
     if not fast:
         noise = torch.empty_like(x).bernoulli_(1 - p)
         return noise.bool().view(torch.uint8), noise.div_(1 - p)

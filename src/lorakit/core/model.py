@@ -119,8 +119,8 @@ def add_adapter(model: nn.Module, name: str, ranks: dict[str, tuple[int, float]]
     if any(m.lora_merged for m in lora_modules(model).values()):  # activating it would need an unmerge
         raise LoraError("the model has merged adapters; unmerge(model) before adding another")
     modules = plain_modules(model)
-    if any(isinstance(m, LoraLayer) and is_hot(m) for m in modules.values()):  # after prepare_hotswap
-        if cold := [p for p in ranks if not isinstance(modules[p], LoraLayer) or not is_hot(modules[p])]:
+    if any(is_hot(m) for m in modules.values()):  # after prepare_hotswap
+        if cold := [p for p in ranks if not is_hot(modules[p])]:
             raise LoraError(f"adapter {name!r} adapts {cold[0]!r}, which prepare_hotswap did not prepare (a compiled "
                             "model would recompile); prepare_hotswap with target_modules covering it, before compiling")
         if saved:
@@ -216,7 +216,7 @@ def set_weights(model: nn.Module, weights: dict[str, float] | list[str] | str, g
             A0, B0 = m.lora_A[next(iter(on[path]))], m.lora_B[next(iter(on[path]))]
             guards[path] = (p.A.reshape(-1, *A0.shape[1:]).to(A0.dtype), p.B.reshape(*p.B.shape, *B0.shape[2:]).to(B0.dtype))
     for path, m in layers.items():  # every hot layer's rank checked before any layer changes
-        if isinstance(m, LoraLayer) and is_hot(m):
+        if is_hot(m):
             r = guards[path][0].shape[0] if path in guards else sum(m.lora_A[n].shape[0] for n in on[path])
             if r > m.lora_hot_A.shape[0]:
                 raise LoraError(f"these adapters have rank {r} together at {path!r}, more than the "

@@ -161,8 +161,8 @@ class Trainer:
 
         self.per_step = cfg.batch_size * cfg.grad_accum * acc.num_processes
         self.total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.rows) / self.per_step))
-        opt = torch.optim.AdamW(runner.lora_plus([{"params": self.trained, "lr": cfg.lr}], [model], cfg.lora_plus_ratio),
-                                lr=cfg.lr, weight_decay=cfg.weight_decay)
+        groups = runner.lora_plus([{"params": self.trained, "lr": cfg.lr}], [model], cfg.lora_plus_ratio)
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=round(cfg.warmup * self.total),
                                    num_training_steps=self.total)
         self.model, self.opt = acc.prepare(model, opt)
