@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.core.errors import LoraError
+from lorakit.core.quant import dense, is_quantized
 
 # What lorakit can adapt: "linear" (nn.Linear), "conv1d_t" (transformers' GPT-2 Conv1D, weight
 # stored in x out), "embedding" (nn.Embedding) and "conv" (nn.Conv1d/2d/3d).
@@ -226,7 +227,8 @@ class LoraLayer(nn.Module):
         """Whether the fused path computes exactly what the reference path would: a plain nn.Linear base, floating
         input of the weight's dtype, no autocast (whose casts the reference path gets from F.linear)."""
         return (_FUSED and self.lora_kind == "linear" and type(self).__mro__[2].forward is nn.Linear.forward
-                and x.dtype == self.weight.dtype and not torch.is_autocast_enabled(x.device.type))
+                and not is_quantized(self.weight) and x.dtype == self.weight.dtype
+                and not torch.is_autocast_enabled(x.device.type))
 
     @torch.no_grad()
     def lora_hot_write(self, rank: int | None = None):
@@ -340,17 +342,23 @@ class LoraLayer(nn.Module):
 
     # --- merging -------------------------------------------------------------------------------
     def lora_merged_weight(self) -> torch.Tensor:
-        """What merge() would set the weight to: W + ΔW of the active adapters."""
-        return self.weight + self.lora_delta(self.lora_weights).to(self.weight.dtype)
+        """What merge() would set the weight to: W + ΔW of the active adapters (W dequantized)."""
+        W = dense(self.weight)
+        return W + self.lora_delta(self.lora_weights).to(W.dtype)
 
     @torch.no_grad()
     def lora_merge(self, new_weight: torch.Tensor | None = None):
-        """Set the weight to W + ΔW, keeping a copy of W (one weight's memory) so that unmerge is exact."""
+        """Set the weight to W + ΔW, keeping a copy of W (one weight's memory) so that unmerge is exact. A quantized
+        W is replaced by a plain merged weight, and kept as it was for unmerge."""
         if self.lora_merged or not self.lora_weights:
             return
         new_weight = self.lora_merged_weight() if new_weight is None else new_weight
-        self.lora_premerge = self.weight.detach().clone()
-        self.weight.copy_(new_weight)
+        if is_quantized(self.weight):
+            self.lora_premerge = self.weight
+            self.weight = nn.Parameter(new_weight.detach().clone(), requires_grad=False)
+        else:
+            self.lora_premerge = self.weight.detach().clone()
+            self.weight.copy_(new_weight)
         self.lora_merged = dict(self.lora_weights)
 
     @torch.no_grad()
@@ -358,7 +366,10 @@ class LoraLayer(nn.Module):
         """Put back the weight merge() found, bit for bit: subtracting ΔW again would round (half precision) and
         would be wrong once the factors changed."""
         if self.lora_merged:
-            self.weight.copy_(self.lora_premerge)
+            if is_quantized(self.lora_premerge):
+                self.weight = self.lora_premerge
+            else:
+                self.weight.copy_(self.lora_premerge)
             self.lora_merged, self.lora_premerge = {}, None
 
     def extra_repr(self) -> str:
