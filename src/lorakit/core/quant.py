@@ -1,4 +1,4 @@
-"""Quantized frozen bases (QLoRA): which weights are quantized, and their plain (dequantized) value.
+"""Quantized frozen bases (QLoRA), through torchao: which weights are quantized, and their plain (dequantized) value.
 
 A quantized weight is a tensor subclass that keeps the module's `weight` name and its logical shape and dtype; the
 LoRA math reads `dense(w)` wherever it needs W itself (merge, DoRA norms), and a merge puts a plain tensor in place
@@ -7,8 +7,16 @@ of the quantized one (unmerge puts the quantized one back).
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
+
 import torch
 from torch import nn
+
+from lorakit.core.errors import LoraError
+
+MODES = ("nf4", "int8")
 
 
 def is_quantized(w: torch.Tensor) -> bool:
@@ -17,5 +25,57 @@ def is_quantized(w: torch.Tensor) -> bool:
 
 
 def dense(w: torch.Tensor) -> torch.Tensor:
-    """`w` as a plain tensor of its logical shape and dtype: dequantized when it is quantized."""
-    return w.dequantize() if is_quantized(w) else w
+    """`w` as a plain tensor of its logical shape and dtype: dequantized when it is quantized (torchao's NF4Tensor
+    names that get_original_weight; its dequantize is a static helper)."""
+    if not is_quantized(w):
+        return w
+    return w.get_original_weight() if hasattr(w, "get_original_weight") else w.dequantize()
+
+
+def quantize(model: nn.Module, mode: str, skip=()) -> nn.Module:
+    """Quantize in place the weights of the model's nn.Linear layers to `mode` ("nf4": 4-bit NormalFloat in blocks of
+    64, "int8": per-row int8), frozen; output heads and the modules `skip` names (a name or dotted suffix) stay."""
+    from lorakit.core.targeting import output_heads
+
+    if mode not in MODES:
+        raise LoraError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
+    kept = output_heads(model)
+    with _quiet():
+        to_nf4, quantize_, Int8WeightOnlyConfig = _torchao()
+        for name, m in list(model.named_modules()):
+            if (type(m) is not nn.Linear or is_quantized(m.weight) or name in kept
+                    or any(name == s or name.endswith("." + s) for s in skip)):
+                continue
+            if mode == "int8":
+                quantize_(m, Int8WeightOnlyConfig())
+            elif m.weight.numel() % 64 == 0:  # NF4 blocks; a layer of another size stays as it is
+                w = m.weight.detach().contiguous()
+                m.weight = nn.Parameter(to_nf4(w, 64, math.gcd(w.numel() // 64, 256)), requires_grad=False)
+    return model
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torchao notes in its log, at import and first use, CUDA kernels that a CPU-only torch cannot load: silenced."""
+    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [g.level for g in loggers]
+    for g in loggers:
+        g.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for g, level in zip(loggers, levels):
+            g.setLevel(level)
+
+
+def _torchao():
+    """torchao's NF4 and int8 weight-only entry points, imported on first use."""
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        try:
+            from torchao.quantization import to_nf4
+        except ImportError:  # older torchao
+            from torchao.dtypes import to_nf4
+    except ImportError as e:
+        raise LoraError(f"quantizing the base needs torchao ({e}): pip install 'lorakit[quant]'") from None
+    return to_nf4, quantize_, Int8WeightOnlyConfig

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 
 from lorakit import options, runner
 from lorakit.core.config import LoraConfig
+from lorakit.core.errors import LoraError
 from lorakit.core.model import inject, summary
+from lorakit.core.quant import quantize
 from lorakit.core.targeting import classifier_head, keep_out
 from lorakit.formats.io import save
 from lorakit.llm import data as datalib
@@ -53,6 +55,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     precision: Literal["fp32", "bf16"] = "fp32"
     full_finetune: bool = False
+    quantize: Literal["nf4", "int8"] | None = None  # QLoRA: the frozen base's linear layers in 4-bit NF4 or int8
     schedule: runner.Schedule = "cosine"
     warmup: float = 0.05  # fraction of the steps
     weight_decay: float = 0.0
@@ -64,6 +67,9 @@ class TrainConfig:
 
     def __post_init__(self):
         options.check(self)
+        if self.quantize and self.full_finetune:
+            raise LoraError("--quantize freezes the base in low precision, which --full-finetune would train; "
+                            "choose one")
 
 
 # the settings a resumed run may change (the rest must match the run it continues: lorakit.runner.open_folder)
@@ -141,12 +147,14 @@ class Trainer:
         self.eval_every = cfg.eval_every if self.eval_rows else 0
         self.pad_id = self.tokenizer.pad_token_id
 
+        saved = [*cfg.lora.modules_to_save, *(classifier_head(model) if cfg.task == "classify" else [])]
+        if cfg.quantize:
+            quantize(model, cfg.quantize, skip=saved)  # the modules trained in full stay as they are
         if cfg.full_finetune:
             model.requires_grad_(True)
         elif adapt is not None:
             model = adapt(model)
         else:
-            saved = [*cfg.lora.modules_to_save, *(classifier_head(model) if cfg.task == "classify" else [])]
             inject(model, replace(cfg.lora, modules_to_save=saved, exclude=keep_out(model, cfg.lora.exclude, saved)))
         if cfg.gradient_checkpointing:
             kwargs = {"use_reentrant": False}  # reentrant checkpointing would leave LoRA untrained (peft#1142)
