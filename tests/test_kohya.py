@@ -410,7 +410,7 @@ def test_a_lycoris_file_with_locon_modules_reads_them_as_low_rank(tmp_path):
     (_pair() | {f"{Q}.lora_down.weight": torch.full((4, 8), float("inf"))}, f"{Q}.lora_down.weight", "NaN or Inf"),
     (_pair() | {f"{Q}.alpha": torch.ones(2)}, f"{Q}.alpha", "scalar"),
     (_pair() | {f"{Q}.lora_magic": torch.ones(2)}, f"{Q}.lora_magic", "not a key"),
-    (_pair() | {f"{Q}.dora_scale": torch.ones(1, 8)}, f"{Q}.dora_scale", "DoRA"),
+    (_pair() | {f"{Q}.dora_scale": torch.ones(1, 7)}, f"{Q}.dora_scale", r"shape \[1, 7\]; expected \(1, 8\)"),
     ({f"{Q}.hada_w1_a": torch.ones(8, 2), f"{Q}.hada_w1_b": torch.ones(2, 8)}, Q, "hada_w2_a"),
     ({f"{Q}.lokr_w1": torch.ones(2, 2), f"{Q}.lokr_w2_a": torch.ones(4, 1)}, Q, "lokr_w2_b"),
 ])

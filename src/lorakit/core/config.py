@@ -33,6 +33,8 @@ class LoraConfig:
     fast_dropout: draw dropout masks from 15-bit random numbers (4 to 5 times cheaper on CPU, where the Bernoulli draw
     costs about as much as the layer's own product; p is rounded to a multiple of 1/32768); the default draws them
     as F.dropout (and PEFT) do, so a seed gives PEFT's masks.
+    use_dora: DoRA (weight-decomposed LoRA): each adapted weight also learns a magnitude per output row, as PEFT's
+    use_dora; costs one W-sized sum and norm per layer and step. Not on embeddings or grouped convs.
     """
 
     r: int = 8
@@ -48,6 +50,7 @@ class LoraConfig:
     modules_to_save: list[str] = field(default_factory=list)
     factor_dtype: Literal["fp32", "base"] = "fp32"
     fast_dropout: bool = False
+    use_dora: bool = False
 
     def __post_init__(self):
         if isinstance(self.targets, tuple):
@@ -63,8 +66,9 @@ class LoraConfig:
             raise LoraError(f"LoraConfig.bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if self.init not in INITS:
             raise LoraError(f"LoraConfig.init must be True, False or 'gaussian', got {self.init!r}")
-        if not isinstance(self.fast_dropout, bool):
-            raise LoraError(f"LoraConfig.fast_dropout must be True or False, got {self.fast_dropout!r}")
+        for key in ("fast_dropout", "use_dora", "use_rslora"):
+            if not isinstance(getattr(self, key), bool):
+                raise LoraError(f"LoraConfig.{key} must be True or False, got {getattr(self, key)!r}")
         if self.factor_dtype not in FACTOR_DTYPES:
             raise LoraError(f"LoraConfig.factor_dtype must be 'fp32' or 'base', got {self.factor_dtype!r}")
         if not self.targets:

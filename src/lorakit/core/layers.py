@@ -76,6 +76,10 @@ class LoraLayer(nn.Module):
     kernel, stride, padding, dilation, padding mode and groups (r % groups == 0) and B a 1x1 conv
     with the same groups, so the update is itself a conv of W's shape and merges exactly.
     Embedding: A (r x num), B (dim x r), y = E[x] + s * A^T[x] @ B^T; no dropout on indices.
+    DoRA (Liu et al. 2024, PEFT's numerics): an adapter with a magnitude m changes the weight to g⊙(W + s·B·A), where
+    g = m / ‖W + s·B·A‖ per output row (PEFT; LyCORIS's dora_scale: per input column) and the norm is detached; at
+    weight w it adds w·(g⊙(W + s·B·A) − W), so weights and stacks mean what they mean for LoRA (PEFT's multi-adapter
+    sum at w = 1).
     Serving: per-row sets (model.set_rows): rows sharing a set form a group, and a linear layer runs one pair of
     batched products for all its groups, over slots that keep each set's factors while they are unchanged.
     Speed: a plain nn.Linear runs base and update as one autograd node (_LoraLinear), tested against the reference
@@ -88,6 +92,8 @@ class LoraLayer(nn.Module):
     def lora_setup(self):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        self.lora_magnitude = nn.ParameterDict()  # DoRA adapters' m
+        self.lora_dora_axis: dict[str, str] = {}  # "out" (PEFT) or "in" (LyCORIS dora_scale)
         self.lora_kind = kind_of(self)
         self.lora_alpha: dict[str, float] = {}
         self.lora_scale: dict[str, float] = {}
@@ -106,9 +112,13 @@ class LoraLayer(nn.Module):
 
     # --- initialisation -------------------------------------------------------------------------
     def lora_add(self, name: str, r: int, alpha: float, scale: float, dropout: float = 0.0, init=True,
-                 factor_dtype: str = "fp32", fast_dropout: bool = False):
+                 factor_dtype: str = "fp32", fast_dropout: bool = False, dora: str | None = None):
         """Create adapter `name` (rank r) in this layer; it starts inactive. Its factors are fp32 on a half-precision
-        base unless factor_dtype="base" (as PEFT: half-precision factors round away small updates in training)."""
+        base unless factor_dtype="base" (as PEFT: half-precision factors round away small updates in training).
+        dora="out"|"in": a DoRA adapter whose magnitude starts at ‖W + s·B·A‖ along that axis."""
+        if dora and (self.lora_kind == "embedding" or getattr(self, "groups", 1) > 1):
+            raise LoraError(f"DoRA is not supported on {'an embedding' if self.lora_kind == 'embedding' else 'a grouped conv'}"
+                            " layer; exclude it from the targets or train plain LoRA")
         a_shape, b_shape = factor_shapes(self, r)
         dtype = self.weight.dtype
         if factor_dtype == "fp32" and dtype in (torch.float16, torch.bfloat16):
@@ -132,6 +142,10 @@ class LoraLayer(nn.Module):
         self.lora_scale[name] = scale
         self.lora_dropout[name] = 0.0 if self.lora_kind == "embedding" else dropout
         self.lora_fast_dropout[name] = fast_dropout
+        if dora:
+            self.lora_dora_axis[name] = dora
+            with torch.no_grad():
+                self.lora_magnitude[name] = nn.Parameter(self.lora_norm(name, self.lora_dora_V(name)).to(dtype))
 
     def lora_names(self) -> list[str]:
         return list(self.lora_A)
@@ -139,7 +153,10 @@ class LoraLayer(nn.Module):
     def lora_remove(self, name: str):
         for d in (self.lora_A, self.lora_B):
             del d[name]
-        for d in (self.lora_alpha, self.lora_scale, self.lora_dropout, self.lora_fast_dropout, self.lora_weights):
+        if name in self.lora_magnitude:
+            del self.lora_magnitude[name]
+        for d in (self.lora_alpha, self.lora_scale, self.lora_dropout, self.lora_fast_dropout, self.lora_weights,
+                  self.lora_dora_axis):
             d.pop(name, None)
         self.lora_guarded = None
         self.lora_slots = {}
@@ -162,12 +179,74 @@ class LoraLayer(nn.Module):
         return torch.cat(A, 0), torch.cat(B, 1)
 
     def lora_delta(self, weights: dict[str, float]) -> torch.Tensor:
-        """ΔW = Σ w·s·B·A in the layout of `self.weight` (computed in fp32 for half-precision bases)."""
+        """ΔW in the layout of `self.weight` (fp32 for half-precision bases): Σ w·s·B·A, and for a DoRA adapter
+        w·(g⊙(W + s·B·A) − W)."""
+        plain = {n: w for n, w in weights.items() if n not in self.lora_magnitude}
+        D = self.lora_lowrank(plain) if plain else None
+        for n in weights.keys() - plain.keys():
+            V = self.lora_dora_V(n)
+            Dn = weights[n] * (self.lora_gain(n, V, weight_layout=True) * V - dense(self.weight).to(V.dtype))
+            D = Dn if D is None else D + Dn
+        return D
+
+    def lora_lowrank(self, weights: dict[str, float]) -> torch.Tensor:
+        """Σ w·s·B·A in the layout of `self.weight` (computed in fp32 for half-precision bases)."""
         half = self.weight.dtype in (torch.float16, torch.bfloat16)
         A, B = self.lora_factors(weights, torch.float32 if half else None)
         if self.lora_kind in ("conv1d_t", "embedding"):
             return delta(A, B).T
         return delta(A, B, getattr(self, "groups", 1)).reshape(self.weight.shape)
+
+    # --- DoRA ----------------------------------------------------------------------------------
+    def lora_dora_dim(self, name: str) -> int:
+        """The dimension of `self.weight` that DoRA adapter `name`'s magnitude runs along."""
+        out_dim = 1 if self.lora_kind == "conv1d_t" else 0
+        return out_dim if self.lora_dora_axis[name] == "out" else 1 - out_dim
+
+    @torch.no_grad()
+    def lora_dora_V(self, name: str) -> torch.Tensor:
+        """W + s·B·A of adapter `name` in the layout of `self.weight`, detached (fp32 for half-precision bases)."""
+        D = self.lora_lowrank({name: 1.0})
+        return dense(self.weight).to(D.dtype) + D
+
+    def lora_norm(self, name: str, V: torch.Tensor) -> torch.Tensor:
+        """‖V‖ along the magnitude's axis: a vector with one entry per output (or input) channel."""
+        d = self.lora_dora_dim(name)
+        return torch.linalg.vector_norm(V, dim=[i for i in range(V.dim()) if i != d])
+
+    def lora_gain(self, name: str, V: torch.Tensor | None = None, weight_layout: bool = False) -> torch.Tensor:
+        """g = m / ‖W + s·B·A‖, the norm detached (DoRA §4.3, as PEFT): shaped to scale the weight along its axis,
+        or the channels of an activation (the last dim; conv: dim 1)."""
+        g = self.lora_magnitude[name] / self.lora_norm(name, self.lora_dora_V(name) if V is None else V)
+        if weight_layout:
+            shape = [1] * self.weight.dim()
+            shape[self.lora_dora_dim(name)] = -1
+            return g.view(shape)
+        return g.view(-1, *[1] * (self.weight.dim() - 2)) if self.lora_kind == "conv" else g
+
+    def lora_base(self, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """The base layer's product of x with weight W, without bias (what DoRA rescales)."""
+        if self.lora_kind == "linear":
+            return F.linear(x, W)
+        if self.lora_kind == "conv1d_t":
+            return x @ W
+        return self._conv_forward(x, W, None)
+
+    def lora_dora_update(self, x: torch.Tensor, name: str, w: float) -> torch.Tensor:
+        """What DoRA adapter `name` at weight w adds to base(x): w·(x·(g⊙(W + s·B·A))ᵀ − x·Wᵀ), computed as PEFT
+        does, (g − 1)⊙(x·Wᵀ) + g⊙(s·B·A·x) (magnitude per output), or from g⊙x (per input), on dropout(x)."""
+        A, B, s = self.lora_A[name], self.lora_B[name], self.lora_scale[name]
+        p = self.lora_dropout[name] if self.training else 0.0
+        if p:
+            x = x * dropout_draw(x, p, True)[1] if self.lora_fast_dropout[name] else F.dropout(x, p, training=True)
+        x = x.to(A.dtype) if x.is_floating_point() else x
+        W = dense(self.weight).to(A.dtype)
+        g = self.lora_gain(name)
+        if self.lora_dora_axis[name] == "out":
+            u = (g - 1) * self.lora_base(x, W) + g * self.lora_apply(x, A, B) * s
+        else:
+            u = self.lora_base((g - 1) * x, W) + self.lora_apply(g * x, A, B) * s
+        return u if w == 1 else u * w
 
     def lora_update(self, x: torch.Tensor, weights: dict[str, float]) -> torch.Tensor:
         """The output added to base(x) by the adapters in `weights`."""
@@ -202,25 +281,36 @@ class LoraLayer(nn.Module):
                 return _LoraLinear.apply(x, self.weight, self.bias, A, B, 1.0, None, None, 0.0)
             y = super().forward(x, *args, **kwargs)
             return y + self.lora_apply(x, A, B).to(y.dtype)
-        if not self.lora_weights:
+        weights = self.lora_weights
+        if self.lora_magnitude and (dora := [n for n in weights if n in self.lora_magnitude]):
+            y = self.lora_forward(x, {n: w for n, w in weights.items() if n not in dora}, *args, **kwargs)
+            for n in dora:
+                y = y + self.lora_dora_update(x, n, weights[n]).to(y.dtype)
+            return y
+        return self.lora_forward(x, weights, *args, **kwargs)
+
+    def lora_forward(self, x, weights: dict[str, float], *args, **kwargs):
+        """base(x) plus the plain (non-DoRA) adapters of `weights`: one fused node when it can, else the reference
+        path (dropout, then two products per dropout rate)."""
+        if not weights:
             return super().forward(x, *args, **kwargs)
         by_dropout: dict[tuple, dict[str, float]] = {}
-        for n, w in self.lora_weights.items():
+        for n, w in weights.items():
             p = self.lora_dropout[n] if self.training else 0.0
             by_dropout.setdefault((p, p > 0 and self.lora_fast_dropout[n]), {})[n] = w
         if len(by_dropout) == 1 and not args and not kwargs and self.lora_fusable(x):
-            (p, fast), weights = next(iter(by_dropout.items()))
-            if len(weights) == 1 and self.lora_guarded is None:  # w·s applied to the product, not copied into B
-                (n, w), = weights.items()
+            (p, fast), group = next(iter(by_dropout.items()))
+            if len(group) == 1 and self.lora_guarded is None:  # w·s applied to the product, not copied into B
+                (n, w), = group.items()
                 A, B, c = self.lora_A[n], self.lora_B[n], w * self.lora_scale[n]
             else:
-                (A, B), c = self.lora_factors(weights), 1.0
+                (A, B), c = self.lora_factors(group), 1.0
             keep, noise = dropout_draw(x, p, fast) if p else (None, None)
             return _LoraLinear.apply(x, self.weight, self.bias, A, B, c, keep, noise, drop_rate(p, fast))
         y = super().forward(x, *args, **kwargs)
-        for (p, fast), weights in by_dropout.items():
+        for (p, fast), group in by_dropout.items():
             xi = (x * dropout_draw(x, p, True)[1] if fast else F.dropout(x, p, training=True)) if p else x
-            y = y + self.lora_update(xi, weights).to(y.dtype)
+            y = y + self.lora_update(xi, group).to(y.dtype)
         return y
 
     def lora_fusable(self, x: torch.Tensor) -> bool:
@@ -373,7 +463,8 @@ class LoraLayer(nn.Module):
             self.lora_merged, self.lora_premerge = {}, None
 
     def extra_repr(self) -> str:
-        adapters = ", ".join(f"{n}: r={self.lora_A[n].shape[0]} s={self.lora_scale[n]:g}" for n in self.lora_A)
+        adapters = ", ".join(f"{n}: r={self.lora_A[n].shape[0]} s={self.lora_scale[n]:g}"
+                             f"{' dora' if n in self.lora_magnitude else ''}" for n in self.lora_A)
         return f"{super().extra_repr()}, lora={{{adapters}}}, active={self.lora_weights}"
 
 
@@ -509,7 +600,8 @@ class SavedModule(nn.Module):
 def _adapter_keys_optional(module, incompatible):
     """Let a base checkpoint load strictly into an injected model: adapter keys may be missing."""
     incompatible.missing_keys[:] = [
-        k for k in incompatible.missing_keys if not any(p in k.split(".") for p in ("lora_A", "lora_B", "lora_copies"))
+        k for k in incompatible.missing_keys
+        if not any(p in k.split(".") for p in ("lora_A", "lora_B", "lora_magnitude", "lora_copies"))
     ]
 
 
@@ -544,12 +636,12 @@ def _new(mixin: type, base: type) -> nn.Module:
 def swap_out(module: nn.Module) -> nn.Module:
     """Undo swap_in: the module's own class back, every lorakit attribute gone."""
     module._lora_hook.remove()
-    for attr in ("lora_A", "lora_B", "lora_copies"):
+    for attr in ("lora_A", "lora_B", "lora_magnitude", "lora_copies"):
         if attr in module._modules:
             del module._modules[attr]
     for attr in ("lora_hot_A", "lora_hot_B"):
         module._buffers.pop(attr, None)
-    for attr in ("lora_kind", "lora_alpha", "lora_scale", "lora_dropout", "lora_fast_dropout", "lora_weights",
+    for attr in ("lora_kind", "lora_dora_axis", "lora_alpha", "lora_scale", "lora_dropout", "lora_fast_dropout", "lora_weights",
                  "lora_merged", "lora_premerge", "lora_guarded", "lora_rows", "lora_slots", "lora_slot_A", "lora_slot_B",
                  "disabled", "_lora_hook"):
         module.__dict__.pop(attr, None)

@@ -72,8 +72,8 @@ def _freeze_for(model: nn.Module):
             train_bias |= {f"{p}.bias" for p in adapter_biases(model, name, cfg.bias)}
     for pname, p in model.named_parameters():
         parts = pname.split(".")
-        if "lora_A" in parts or "lora_B" in parts or "lora_copies" in parts:
-            i = max(parts.index(k) for k in ("lora_A", "lora_B", "lora_copies") if k in parts)
+        if own := [k for k in ("lora_A", "lora_B", "lora_magnitude", "lora_copies") if k in parts]:
+            i = max(parts.index(k) for k in own)
             p.requires_grad_(parts[i + 1] in active)
         else:
             p.requires_grad_(pname in train_bias)
@@ -114,8 +114,10 @@ def find_saved(model: nn.Module, names: list[str], targets: list[str]) -> list[s
 
 
 def add_adapter(model: nn.Module, name: str, ranks: dict[str, tuple[int, float]], config: LoraConfig,
-                saved: list[str], base_model: str | None = None):
-    """Create adapter `name` with the given per-module (r, alpha), activate it alone; all or nothing."""
+                saved: list[str], base_model: str | None = None, dora_axes: dict[str, str] | None = None):
+    """Create adapter `name` with the given per-module (r, alpha), activate it alone; all or nothing. With
+    config.use_dora its magnitudes run along each module's output (or the axis `dora_axes` gives it)."""
+    dora_axes = dora_axes or {}
     if any(m.lora_merged for m in lora_modules(model).values()):  # activating it would need an unmerge
         raise LoraError("the model has merged adapters; unmerge(model) before adding another")
     modules = plain_modules(model)
@@ -123,8 +125,9 @@ def add_adapter(model: nn.Module, name: str, ranks: dict[str, tuple[int, float]]
         if cold := [p for p in ranks if not is_hot(modules[p])]:
             raise LoraError(f"adapter {name!r} adapts {cold[0]!r}, which prepare_hotswap did not prepare (a compiled "
                             "model would recompile); prepare_hotswap with target_modules covering it, before compiling")
-        if saved:
-            raise LoraError(f"adapter {name!r} has modules_to_save, which a hot-swapped model cannot take")
+        if saved or config.use_dora:
+            raise LoraError(f"adapter {name!r} has {'modules_to_save' if saved else 'DoRA magnitudes'}, which a "
+                            "hot-swapped model cannot take")
         if too := [p for p, (r, _) in ranks.items() if r > modules[p].lora_hot_A.shape[0]]:
             raise LoraError(f"adapter {name!r} has rank {ranks[too[0]][0]} at {too[0]!r}, more than the "
                             f"{modules[too[0]].lora_hot_A.shape[0]} prepare_hotswap made room for")
@@ -134,7 +137,7 @@ def add_adapter(model: nn.Module, name: str, ranks: dict[str, tuple[int, float]]
             if not isinstance(m, LoraLayer):
                 swap_in(m, LoraLayer)
             m.lora_add(name, r, alpha, scale(r, alpha, config.use_rslora), config.dropout, config.init,
-                       config.factor_dtype, config.fast_dropout)
+                       config.factor_dtype, config.fast_dropout, dora_axes.get(path, "out") if config.use_dora else None)
         for path in saved:
             m = modules[path]
             original = swap_out(copy.deepcopy(m)) if isinstance(m, SavedModule) else m
@@ -208,6 +211,9 @@ def set_weights(model: nn.Module, weights: dict[str, float] | list[str] | str, g
     guards = {}
     for path, m in layers.items():
         if guard and isinstance(m, LoraLayer) and len(on[path]) > 1:
+            if dora := [n for n in on[path] if n in m.lora_magnitude]:
+                raise LoraError(f"adapter {dora[0]!r} is DoRA, whose update is not low-rank; the guard cannot factor "
+                                f"it at {path!r}. Stack it without a guard, or merge it first")
             if getattr(m, "groups", 1) > 1:
                 raise LoraError(f"module {path!r} is a grouped conv; the guard cannot factor its update")
             with torch.no_grad():
@@ -264,6 +270,9 @@ def set_rows(model: nn.Module, sets: list | None) -> nn.Module:
     wanted = [_as_weights(s) for s in sets]
     _known(model, {n for w in wanted for n in w})
     for path, m in layers.items():
+        if isinstance(m, LoraLayer) and (hit := {n for w in wanted for n in w} & set(m.lora_magnitude)):
+            raise LoraError(f"adapter {sorted(hit)[0]!r} is DoRA, which per-row sets do not take (as in PEFT): serve "
+                            "it alone (set_weights) or merge it")
         if isinstance(m, SavedModule) and (hit := {n for w in wanted for n in w} & set(m.lora_names())):
             raise LoraError(f"adapter {sorted(hit)[0]!r} replaces module {path!r} whole (modules_to_save); per-row "
                             "sets take LoRA layers only: serve it alone (set_weights) or merge it")
@@ -300,6 +309,9 @@ def prepare_hotswap(model: nn.Module, max_rank: int, target_modules: list[str] |
     for n, m in layers.items():
         if getattr(m, "groups", 1) > 1:
             raise LoraError(f"module {n!r} is a grouped conv; hot-swap cannot pad its rank")
+        if isinstance(m, LoraLayer) and m.lora_magnitude:
+            raise LoraError(f"module {n!r} has a DoRA adapter, which hot-swap cannot hold in fixed low-rank factors; "
+                            "merge it, or delete it before prepare_hotswap")
         if isinstance(m, LoraLayer) and (r := sum(m.lora_A[a].shape[0] for a in m.lora_weights)) > max_rank:
             raise LoraError(f"the active adapters have rank {r} at {n!r}, more than max_rank={max_rank}")
     for m in layers.values():
@@ -453,6 +465,7 @@ def summary(model: nn.Module) -> Summary:
                 ranks[m.lora_A[name].shape[0]] += 1
                 alphas[m.lora_alpha[name]] += 1
                 count += m.lora_A[name].numel() + m.lora_B[name].numel()
+                count += m.lora_magnitude[name].numel() if name in m.lora_magnitude else 0
                 n += 1
             elif isinstance(m, SavedModule) and name in m.lora_copies:
                 count += sum(p.numel() for p in m.lora_copies[name].parameters())

@@ -1,7 +1,8 @@
 """The canonical, format-independent form of one adapter, taken from a model or put onto one.
 
 Every file format only maps its keys and scales onto this: per module A (r x in), B (out x r) in
-nn.Linear orientation and alpha (scale = alpha/r, or alpha/sqrt(r) with use_rslora). Module paths of a
+nn.Linear orientation and alpha (scale = alpha/r, or alpha/sqrt(r) with use_rslora), and for DoRA a magnitude
+vector along the output ("out", PEFT) or input ("in", LyCORIS's dora_scale) channels. Module paths of a
 diffusers pipeline's adapter start with the component: `unet.down_blocks.0...`, `text_encoder.encoder...`.
 """
 
@@ -29,15 +30,17 @@ class ModuleLora:
     B: torch.Tensor
     alpha: float
     kind: str | None = None  # "linear", "conv1d_t", "embedding", "conv"; None when a format cannot tell
+    magnitude: torch.Tensor | None = None  # DoRA's m, one entry per channel of `dora_axis`
+    dora_axis: str = "out"
 
     @property
     def r(self) -> int:
         return self.A.shape[0]
 
     def check_finite(self, path: str, source: str | None = None):
-        """Raise LoraError naming the module and factor if A or B holds NaN or Inf."""
-        for t, key in ((self.A, "A"), (self.B, "B")):
-            if not torch.isfinite(t).all():
+        """Raise LoraError naming the module and factor if A, B or the DoRA magnitude holds NaN or Inf."""
+        for t, key in ((self.A, "A"), (self.B, "B"), (self.magnitude, "magnitude")):
+            if t is not None and not torch.isfinite(t).all():
                 raise LoraError(f"{source + ': ' if source else ''}module {path!r} factor {key} contains NaN or Inf values")
 
 
@@ -60,7 +63,8 @@ class Adapter:
         return r, alpha
 
     def num_params(self) -> int:
-        lora = sum(m.A.numel() + m.B.numel() for m in self.modules.values())
+        lora = sum(m.A.numel() + m.B.numel() + (0 if m.magnitude is None else m.magnitude.numel())
+                   for m in self.modules.values())
         return lora + sum(t.numel() for sd in self.saved.values() for t in sd.values()) + sum(
             b.numel() for b in self.biases.values())
 
@@ -76,6 +80,9 @@ def from_model(model: nn.Module, name: str) -> Adapter:
     for path, m in lora_modules(model).items():
         if isinstance(m, LoraLayer) and name in m.lora_A:
             a.modules[path] = ModuleLora(cpu(m.lora_A[name]), cpu(m.lora_B[name]), m.lora_alpha[name], m.lora_kind)
+            if name in m.lora_magnitude:
+                a.modules[path].magnitude = cpu(m.lora_magnitude[name])
+                a.modules[path].dora_axis = m.lora_dora_axis[name]
             a.fingerprint[path] = list(m.weight.shape)
         elif isinstance(m, SavedModule) and name in m.lora_copies:
             a.saved[path] = {k: cpu(v) for k, v in m.lora_copies[name].state_dict().items()}
@@ -144,9 +151,10 @@ def fit_factors(ml: ModuleLora, module: nn.Module) -> ModuleLora:
     kind, w = kind_of(module), module.weight
     if kind == "conv" and ml.A.dim() == 2 and ml.A.shape[1] == w[0].numel():
         ones = [1] * (w.dim() - 2)
-        return ModuleLora(ml.A.reshape(ml.A.shape[0], *w.shape[1:]), ml.B.reshape(*ml.B.shape, *ones), ml.alpha, "conv")
+        return dataclasses.replace(ml, A=ml.A.reshape(ml.A.shape[0], *w.shape[1:]), B=ml.B.reshape(*ml.B.shape, *ones),
+                                   kind="conv")
     if kind == "linear" and ml.A.dim() > 2 and all(k == 1 for t in (ml.A, ml.B) for k in t.shape[2:]):
-        return ModuleLora(ml.A.flatten(1), ml.B.flatten(1), ml.alpha, "linear")
+        return dataclasses.replace(ml, A=ml.A.flatten(1), B=ml.B.flatten(1), kind="linear")
     return ml
 
 
@@ -182,6 +190,14 @@ def apply(model: nn.Module, adapter: Adapter, name: str, source: str = "adapter"
             if tuple(t.shape) != tuple(want):
                 raise LoraError(f"{source}: module {path!r} factor {key} has shape {list(t.shape)}, "
                                 f"expected {list(want)} for rank {ml.r} on this model")
+        if ml.magnitude is not None:
+            if kind == "embedding" or getattr(m, "groups", 1) > 1:
+                what = "an embedding" if kind == "embedding" else "a grouped conv"
+                raise LoraError(f"{source}: module {path!r} is DoRA on {what}, which lorakit does not support")
+            channels = want_b[0] if ml.dora_axis == "out" else want_a[1]
+            if ml.magnitude.numel() != channels:
+                raise LoraError(f"{source}: module {path!r} has a DoRA magnitude of {ml.magnitude.numel()} entries; "
+                                f"its {ml.dora_axis}put has {channels} channels on this model")
         ml.check_finite(path, source)
     for path, sd in adapter.saved.items():
         m = names[paths[path]]
@@ -198,19 +214,25 @@ def apply(model: nn.Module, adapter: Adapter, name: str, source: str = "adapter"
         if not torch.isfinite(b).all():
             raise LoraError(f"{source}: bias of module {path!r} contains NaN or Inf values")
 
+    dora = {paths[p]: ml.dora_axis for p, ml in modules.items() if ml.magnitude is not None}
+    if dora and len(dora) < len(modules):
+        raise LoraError(f"{source}: some modules have DoRA magnitudes and others not "
+                        f"({next(p for p, ml in modules.items() if ml.magnitude is None)!r}); the file is incomplete")
     if adapter.config is not None:
-        cfg = dataclasses.replace(adapter.config, use_rslora=adapter.use_rslora)
+        cfg = dataclasses.replace(adapter.config, use_rslora=adapter.use_rslora, use_dora=bool(dora))
     else:
         r, alpha = adapter.common() if adapter.modules else (8, 8)
         cfg = LoraConfig(r=r, alpha=alpha, targets=[paths[p] for p in [*adapter.modules, *adapter.saved]],
-                         use_rslora=adapter.use_rslora, bias="all" if adapter.biases else "none")
+                         use_rslora=adapter.use_rslora, bias="all" if adapter.biases else "none", use_dora=bool(dora))
     ranks = {paths[p]: (ml.r, ml.alpha) for p, ml in modules.items()}
-    add_adapter(model, name, ranks, cfg, [paths[p] for p in adapter.saved], adapter.base_model)
+    add_adapter(model, name, ranks, cfg, [paths[p] for p in adapter.saved], adapter.base_model, dora)
     with torch.no_grad():
         for path, ml in modules.items():
             m = names[paths[path]]
             m.lora_A[name].copy_(ml.A)
             m.lora_B[name].copy_(ml.B)
+            if ml.magnitude is not None:
+                m.lora_magnitude[name].copy_(ml.magnitude.reshape(-1))
             if is_hot(m):  # prepare_hotswap: the active set now has its loaded factors
                 m.lora_hot_write()
         for path, sd in adapter.saved.items():

@@ -27,7 +27,7 @@ from lorakit.formats.adapter import Adapter, ModuleLora
 
 LOOKS = "lora_unet_… / lora_te_… keys with .lora_down/.lora_up/.alpha"
 PREFIXES = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
-SUFFIXES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha")
+SUFFIXES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale")
 LYCORIS_PARTS = ("hada_", "lokr_")
 SD_VERSIONS = {  # ss_base_model_version -> (modelspec architecture, resolution, prediction type)
     "sd_v1": ("stable-diffusion-v1", "512x512", "epsilon"),
@@ -152,9 +152,8 @@ def group(tensors: dict, source: str, suffixes=SUFFIXES) -> dict[str, dict[str, 
     for key, t in tensors.items():
         name, _, suffix = key.partition(".")
         if suffix not in suffixes:
-            what = ("a DoRA magnitude (kohya/LyCORIS dora_scale), which lorakit does not read" if suffix == "dora_scale"
-                    else f"not a key lorakit reads: expected <name>.{', .'.join(suffixes)}")
-            raise LoraError(f"{source}: tensor {key!r} is {what}")
+            raise LoraError(f"{source}: tensor {key!r} is not a key lorakit reads: expected <name>."
+                            f"{', .'.join(suffixes)}")
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise LoraError(f"{source}: tensor {key!r} contains NaN or Inf values; the file is damaged")
         mods.setdefault(name, {})[suffix] = t
@@ -204,7 +203,15 @@ def lora_module(name: str, parts: dict, source: str) -> ModuleLora:
         raise LoraError(f"{source}: module {name!r} has lora_down of rank {down.shape[0]} but lora_up of rank "
                         f"{up.shape[1]}; the factors do not belong together")
     kind = "conv" if any(k > 1 for k in down.shape[2:]) else None
-    return ModuleLora(down, up, alpha_of(parts, name, down.shape[0], source), kind)
+    ml = ModuleLora(down, up, alpha_of(parts, name, down.shape[0], source), kind)
+    if "dora_scale" in parts:  # LyCORIS: (1, in, 1…) scales each input column, (out, 1, 1…) each output row
+        ds = parts["dora_scale"]
+        axis = "in" if ds.shape[:2] == (1, down.shape[1]) else "out" if ds.shape[:2] == (up.shape[0], 1) else None
+        if axis is None or ds.numel() != ds.shape[0] * ds.shape[1]:
+            raise LoraError(f"{source}: {name}.dora_scale has shape {list(ds.shape)}; expected (1, {down.shape[1]}) "
+                            f"(per input channel) or ({up.shape[0]}, 1) (per output channel)")
+        ml.magnitude, ml.dora_axis = ds.reshape(-1), axis
+    return ml
 
 
 def add_module(a: Adapter, seen: dict, name: str, ml: ModuleLora, key: str, source: str, layers_per_block: int):
@@ -287,6 +294,10 @@ def write(adapter: Adapter, sd_version: str | None = None, title: str | None = N
         tensors[f"{name}.lora_down.weight"] = m.A.detach().cpu().contiguous()
         tensors[f"{name}.lora_up.weight"] = m.B.detach().cpu().contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+        if m.magnitude is not None:  # LyCORIS's layout: (1, in, 1…) or (out, 1, 1…)
+            ones = [1] * (m.A.dim() - 2)
+            tensors[f"{name}.dora_scale"] = m.magnitude.reshape(
+                (1, -1, *ones) if m.dora_axis == "in" else (-1, 1, *ones)).detach().cpu().contiguous()
         (conv if any(k > 1 for k in m.A.shape[2:]) else linear).append((m.r, alpha))
     dim, alpha = _dim_alpha(linear or conv)
     args = dict(zip(("conv_dim", "conv_alpha"), _dim_alpha(conv))) if conv else {}

@@ -1,6 +1,7 @@
 """lorakit's own format: one .safetensors file whose header says everything needed to load it.
 
-Tensors: ``lora.<module>.A``, ``lora.<module>.B``, ``saved.<module>.<param>`` (modules_to_save),
+Tensors: ``lora.<module>.A``, ``lora.<module>.B``, ``lora.<module>.m`` (DoRA's magnitude; the header's module entry
+says its axis, ``dora``: "out" or "in"), ``saved.<module>.<param>`` (modules_to_save),
 ``bias.<module>`` (trained biases), ``embed.<token>`` (learned text-encoder token embeddings). Header
 metadata (strings): ``format`` = "lorakit", ``format_version``, ``base_model``, ``config`` (the LoraConfig
 as JSON), ``modules`` (per module kind, r and alpha), ``targets``, ``saved``, ``fingerprint`` (each
@@ -28,6 +29,8 @@ def write(adapter: Adapter) -> tuple[dict, dict]:
     for path, m in adapter.modules.items():
         tensors[f"lora.{path}.A"], tensors[f"lora.{path}.B"] = m.A, m.B
         modules[path] = {"kind": m.kind, "r": m.r, "alpha": m.alpha}
+        if m.magnitude is not None:
+            tensors[f"lora.{path}.m"], modules[path]["dora"] = m.magnitude, m.dora_axis
     for path, sd in adapter.saved.items():
         tensors.update({f"saved.{path}.{k}": v for k, v in sd.items()})
     tensors.update({f"bias.{path}": b for path, b in adapter.biases.items()})
@@ -83,6 +86,13 @@ def read(tensors: dict, metadata: dict, source: str) -> Adapter:
             raise LoraError(f"{source}: module {path!r} records rank {info['r']} but A has shape {list(tensors[ka].shape)}")
         a.modules[path] = ModuleLora(tensors[ka], tensors[kb], info["alpha"], info.get("kind"))
         used |= {ka, kb}
+        if "dora" in info:
+            km = f"lora.{path}.m"
+            if km not in tensors or info["dora"] not in ("out", "in"):
+                raise LoraError(f"{source}: module {path!r} is DoRA but {km!r} is missing or its axis "
+                                f"{info['dora']!r} is unknown; the file is damaged")
+            a.modules[path].magnitude, a.modules[path].dora_axis = tensors[km], info["dora"]
+            used.add(km)
     for path in saved_paths:
         pre = f"saved.{path}."
         a.saved[path] = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
