@@ -23,16 +23,38 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from common import flags, report, run_child
+from common import flags, merge, peft_loop, recipe, report, run_child, run_label, run_mark, run_notes
 
 HERE = Path(__file__).resolve().parent
 DATA = (HERE.parent / ".." / "shared" / "data" / "sst2").resolve()
-CONFIGS = ("lora", "full")
+# each row: overrides on top of the plain LoRA row (r, alpha from the flags, dropout 0.05 on query/value, lr --lr-lora,
+# cosine with 5 % warmup); `peft-loop` and `defaults` are built differently (run_one)
+CONFIGS = {
+    "lora": {},
+    "full": {"full_finetune": True},
+    "lora-lr1e-3": {"lr": 1e-3},
+    "lora-lr2e-3": {"lr": 2e-3},
+    "lora-all-lr2e-3": {"targets": "all-linear", "lr": 2e-3},
+    "lora-all": {"targets": "all-linear"},
+    "lora-r16": {"r": 16, "alpha": 32},
+    "lora-rslora-r16": {"r": 16, "use_rslora": True},  # alpha 16: scale 16/sqrt(16) = 4
+    "lora-rslora-r16-lr2e-3": {"r": 16, "use_rslora": True, "lr": 2e-3},
+    "lora-plus": {"lora_plus_ratio": 16},  # LoRA+ at lr 5e-4: B factors (and the head's biases) at 8e-3
+    "lora-plus-lr2e-4": {"lora_plus_ratio": 16, "lr": 2e-4},
+    "lora-dora": {"use_dora": True},
+    "lora-dora-lr2e-3": {"use_dora": True, "lr": 2e-3},
+    "lora-pissa": {"init": "pissa_niter_4"},
+    "lora-nf4": {"quantize": "nf4"},
+    "lora-int8": {"quantize": "int8"},
+    "peft-loop": {},  # PEFT get_peft_model + a plain constant-lr loop (common.peft_loop), lora's r/alpha/targets/lr
+    "defaults": {},   # lorakit's own TrainConfig defaults but data, steps, batch (and targets: see run_one)
+}
 
 
 def parse_args(argv=None):
@@ -49,10 +71,10 @@ def parse_args(argv=None):
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads in each child")
-    p.add_argument("--only", choices=CONFIGS, action="append", help="run only this configuration (repeatable)")
+    p.add_argument("--only", choices=list(CONFIGS), action="append", help="run only this configuration (repeatable)")
     p.add_argument("--workdir", help="where the run folders go (default: a temp dir, removed at the end)")
     p.add_argument("--results", default=str(HERE / "results"), help="where sst2.md and sst2.json go")
-    p.add_argument("--one", choices=CONFIGS, help=argparse.SUPPRESS)  # internal: run one configuration, print JSON
+    p.add_argument("--one", choices=list(CONFIGS), help=argparse.SUPPRESS)  # internal: run one configuration, print JSON
     return p.parse_args(argv)
 
 
@@ -93,19 +115,73 @@ def run_one(args) -> dict:
     from lorakit.llm.train import TrainConfig, train
     from lorakit.options import build
 
-    work = Path(args.workdir)
-    full = args.one == "full"
-    cfg = build(TrainConfig, overwrite=True,
-        model="minilm-l6", task="classify", data=str(work / "train.tsv"), eval_data=str(work / "dev.tsv"),
-        out=str(work / f"run-{args.one}"), r=args.r, alpha=args.alpha, dropout=0.05, targets=["query", "value"],
-        lr=args.lr_full if full else args.lr_lora, max_steps=args.steps, batch_size=args.batch_size,
-        max_length=args.max_length, seed=args.seed, full_finetune=full, schedule="cosine", warmup=0.05)
-    t0 = time.perf_counter()
-    result = train(cfg)
+    work, name = Path(args.workdir), args.one
+    common = dict(model="minilm-l6", task="classify", data=str(work / "train.tsv"), eval_data=str(work / "dev.tsv"),
+                  out=str(work / f"run-{name}"), overwrite=True, max_steps=args.steps, batch_size=args.batch_size,
+                  seed=args.seed)
+    lora = dict(r=args.r, alpha=args.alpha, dropout=0.05, targets=["query", "value"], lr=args.lr_lora,
+                max_length=args.max_length, schedule="cosine", warmup=0.05)
     keep = ("steps", "trainable_params", "total_params", "eval_accuracy", "eval_accuracy_before", "eval_loss",
             "eval_loss_before", "final_loss", "adapter_bytes", "seconds_per_step")
-    return {"config": args.one, "lr": cfg.lr, **{k: result.get(k) for k in keep},
+    t0 = time.perf_counter()
+    if name == "peft-loop":
+        return {"config": name, **peft_loop_row(args, work, lora, keep), "train_wall_s": time.perf_counter() - t0}
+    if name == "defaults":
+        # TrainConfig's own defaults for everything else (r 8, alpha 16, dropout 0.05, lr 2e-4, cosine, 5 % warmup,
+        # wd 0, clip 1.0, max_length 256) -- but the default targets q_proj,v_proj name no module of BERT (lorakit
+        # refuses to run), so the one change is BERT's names for the same two projections
+        kw = dict(targets=["query", "value"])
+    else:
+        kw = {**lora, **CONFIGS[name]}
+        if kw.get("full_finetune"):
+            kw["lr"] = args.lr_full
+    cfg = build(TrainConfig, **common, **kw)
+    result = train(cfg)
+    used = dict(full_finetune=cfg.full_finetune, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                targets=cfg.lora.targets, use_rslora=cfg.lora.use_rslora, init=cfg.lora.init,
+                use_dora=getattr(cfg.lora, "use_dora", False), quantize=getattr(cfg, "quantize", None),
+                lora_plus_ratio=cfg.lora_plus_ratio, lr=cfg.lr, schedule=cfg.schedule, warmup=cfg.warmup,
+                weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, max_length=cfg.max_length)
+    return {"config": name, "lr": cfg.lr, "recipe": recipe(used), **{k: result.get(k) for k in keep},
             "train_wall_s": time.perf_counter() - t0}
+
+
+def peft_loop_row(args, work: Path, lora: dict, keep) -> dict:
+    """`peft-loop`: PEFT's get_peft_model (lora's r, alpha, dropout, targets; the head trained in full through
+    modules_to_save, as lorakit does) and common.peft_loop on lorakit's token rows and batches; scored by lorakit's
+    evaluate, as the other rows are (accuracy on the dev rows)."""
+    import peft
+    import torch
+
+    from lorakit.llm import data as datalib
+    from lorakit.llm import pretrained
+    from lorakit.llm.train import evaluate
+
+    examples = datalib.read_examples(work / "train.tsv")[0]
+    dev = datalib.read_examples(work / "dev.tsv")[0]
+    labels = datalib.label_names(examples)
+    torch.manual_seed(args.seed)  # as lorakit's runner.setup: the same fresh head
+    model, tokenizer, _ = pretrained.load("minilm-l6", "classify", num_labels=len(labels))
+    rows = datalib.tokenize_classify(examples, tokenizer, args.max_length, labels)[0]
+    dev_rows = datalib.tokenize_classify(dev, tokenizer, args.max_length, labels)[0]
+    model = peft.get_peft_model(model, peft.LoraConfig(
+        r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=lora["targets"],
+        modules_to_save=["classifier", "pooler.dense"]))
+    pad = tokenizer.pad_token_id
+    before = evaluate(model, dev_rows, "classify", pad, args.batch_size)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    print(f"peft-loop: {n_trainable:,} of {n_total:,} params trainable", flush=True)
+    found = peft_loop(model, rows, pad, steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=lora["lr"])
+    after = evaluate(model, dev_rows, "classify", pad, args.batch_size)
+    model.save_pretrained(work / "run-peft-loop" / "adapter")
+    size = (work / "run-peft-loop" / "adapter" / "adapter_model.safetensors").stat().st_size
+    used = {**lora, "schedule": "constant", "warmup": 0, "weight_decay": 0.01, "max_grad_norm": None}
+    out = {"lr": lora["lr"], "recipe": "PEFT loop: " + recipe(used), "trainable_params": n_trainable,
+           "total_params": n_total, "eval_accuracy_before": before["eval_accuracy"],
+           "eval_loss_before": before["eval_loss"], "eval_accuracy": after["eval_accuracy"],
+           "eval_loss": after["eval_loss"], "adapter_bytes": size, **found}
+    return {k: out.get(k) for k in ("lr", "recipe", *keep)}
 
 
 # --- the comparison (parent process) --------------------------------------------------------------
@@ -123,18 +199,25 @@ def base_counts() -> dict:
             "head_params": sum(p.numel() for n, p in model.named_parameters() if n in head)}
 
 
-def table(results: list[dict], counts: dict) -> str:
+def table(results: list[dict], counts: dict, runs: dict) -> str:
     base, head = counts["base_params"], counts["head_params"]
-    lines = ["| config | lr | trainable params | % of model | trainable excl. head | % excl. head "
-             "| dev acc before | dev acc after | final train loss | s/step | peak RSS (MiB) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| config | recipe | lr | trainable params | % of model | trainable excl. head | % excl. head "
+             "| dev acc before | dev acc after | final train loss | s/step | peak RSS (MiB) | run |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         t = r["trainable_params"]
         lines.append(
-            f"| {r['config']} | {r['lr']:g} | {t:,} | {100 * t / base:.3f} % | {t - head:,} | "
+            f"| {r['config']} | {r.get('recipe') or RECIPES.get(r['config'], '')} | {r['lr']:g} | {t:,} | "
+            f"{100 * t / base:.3f} % | {t - head:,} | "
             f"{100 * (t - head) / (base - head):.3f} % | {100 * r['eval_accuracy_before']:.2f} | "
-            f"{100 * r['eval_accuracy']:.2f} | {r['final_loss']:.4f} | {r['seconds_per_step']:.3f} | {r['peak_rss_mib']:.0f} |")
+            f"{100 * r['eval_accuracy']:.2f} | {r['final_loss']:.4f} | {r['seconds_per_step']:.3f} | "
+            f"{r['peak_rss_mib']:.0f} | {run_mark(runs, r.get('run'))} |")
     return "\n".join(lines)
+
+
+# the recipes of rows measured before rows carried theirs
+RECIPES = {"lora": "r8 α16 query,value drop 0.05, lr 0.0005 cosine 5 % warmup, wd 0, clip 1, max_len 64",
+           "full": "all weights, lr 5e-05 cosine 5 % warmup, wd 0, clip 1, max_len 64"}
 
 
 def main(argv=None):
@@ -166,38 +249,63 @@ def main(argv=None):
           f"seed {args.seed}; work dir {work}", flush=True)
     counts = base_counts()
 
-    results = []
+    label = run_label()
+    results, failed = [], []
+
+    def save():
+        total = time.perf_counter() - started
+        import torch
+
+        setup = {"model": "minilm-l6 (all-MiniLM-L6-v2 + fresh 2-way head)", "train_rows": len(train_rows),
+                 "dev_rows": len(dev_rows), "steps": args.steps, "batch_size": args.batch_size,
+                 "max_length": args.max_length, "seed": args.seed, "r": args.r, "alpha": args.alpha,
+                 "threads": args.threads, "torch": torch.__version__,
+                 "lorakit": os.environ.get("LORAKIT_COMMIT", "worktree"), "total_wall_s": round(total, 1),
+                 "configs": [r["config"] for r in results], "failed": failed, **counts}
+        out = Path(args.results)
+        out.mkdir(parents=True, exist_ok=True)
+        merged, runs = merge(out / "sst2.json", results, label, setup, list(CONFIGS))
+        md = table(merged, counts, runs)
+        notes = (f"all-MiniLM-L6-v2 + a fresh classification head on GLUE SST-2: first {len(train_rows):,} train rows, "
+                 f"{args.steps} steps x batch {args.batch_size}, seed {args.seed} (the same examples in the same order "
+                 f"for every row); dev accuracy on {len(dev_rows)} dev rows. Each row's settings are in its recipe "
+                 f"(α = alpha; rsLoRA scales by alpha/sqrt(r), so r16 α16 rsLoRA is a scale of 4 against plain r8 α16's 2; "
+                 f"LoRA+ 16 trains the B factors and the trained biases at 16 x lr). Every LoRA row trains the head "
+                 f"(classifier + pooler.dense) in full (modules_to_save). `peft-loop`: PEFT's get_peft_model with "
+                 f"lora's r/alpha/dropout/targets/lr and the head in modules_to_save, trained by a plain loop (torch "
+                 f"AdamW defaults but lr, so wd 0.01; constant lr, no warmup, no clipping; loss = the model's own mean "
+                 f"loss) over lorakit's token rows and batches; it differs from `lora` in the schedule (constant vs "
+                 f"cosine + 5 % warmup), clipping (none vs 1.0), weight decay (0.01 vs 0) and the implementation "
+                 f"(PEFT vs lorakit; dropout masks are drawn differently). `defaults`: lorakit's TrainConfig defaults "
+                 f"(r8 α16 dropout 0.05, lr 2e-4, cosine 5 % warmup, wd 0, clip 1.0, max_length 256) but for data, "
+                 f"steps, batch and targets (the default q_proj,v_proj names nothing in BERT, so query,value). "
+                 f"With one process and no accumulation lorakit's loss (summed, divided by the global batch's count) "
+                 f"equals the mean loss. % columns are of the plain model's {counts['base_params']:,} parameters "
+                 f"(head: {counts['head_params']:,}). s/step is the median training step (first excluded); peak RSS is "
+                 f"each configuration's own process. {args.threads} torch threads; other jobs shared the 2-core machine "
+                 f"during the later runs, so s/step and wall times are noisy. Runs: " + run_notes(runs))
+        if failed:
+            notes += f" Failed in run [{run_mark(runs, label)}] (feature not available yet): {', '.join(failed)}."
+        print("\n" + md + "\n\n" + notes)
+        (out / "sst2.md").write_text(f"# LoRA vs full fine-tuning, SST-2 (bench/sst2.py)\n\n{md}\n\n{notes}\n")
+        (out / "sst2.json").write_text(json.dumps({"runs": runs, "results": merged}, indent=2) + "\n")
+        print(f"\nwrote {out / 'sst2.md'} and {out / 'sst2.json'}")
+
     for name in args.only or CONFIGS:
-        found = run_child(__file__, ["--one", name, "--workdir", str(work), *flags(args, [
-            "steps", "batch_size", "max_length", "seed", "lr_lora", "lr_full", "r", "alpha", "threads"])])
+        try:
+            found = run_child(__file__, ["--one", name, "--workdir", str(work), *flags(args, [
+                "steps", "batch_size", "max_length", "seed", "lr_lora", "lr_full", "r", "alpha", "threads"])])
+        except SystemExit as e:  # a configuration whose feature is missing fails alone; the others still run
+            print(f"{name}: FAILED ({e})", flush=True)
+            failed.append(name)
+            save()
+            continue
         print(f"{name}: dev accuracy {found['eval_accuracy_before']:.4f} -> {found['eval_accuracy']:.4f}, "
               f"{found['seconds_per_step']:.3f} s/step, peak RSS {found['peak_rss_mib']:.0f} MiB, "
               f"{found['process_wall_s']:.0f} s in all", flush=True)
         results.append(found)
+        save()  # each row lands in the files as soon as it is measured
 
-    total = time.perf_counter() - started
-    import torch
-
-    setup = {"model": "minilm-l6 (all-MiniLM-L6-v2 + fresh 2-way head)", "train_rows": len(train_rows),
-             "dev_rows": len(dev_rows), "steps": args.steps, "batch_size": args.batch_size,
-             "max_length": args.max_length, "seed": args.seed, "r": args.r, "alpha": args.alpha,
-             "targets": ["query", "value"], "schedule": "cosine, 5 % warmup", "threads": args.threads,
-             "torch": torch.__version__, "total_wall_s": round(total, 1), **counts}
-    md = table(results, counts)
-    notes = (f"all-MiniLM-L6-v2 + a fresh classification head on GLUE SST-2: first {len(train_rows):,} train rows, "
-             f"{args.steps} steps x batch {args.batch_size}, max_length {args.max_length}, seed {args.seed}, cosine "
-             f"schedule with 5 % warmup; dev accuracy on {len(dev_rows)} dev rows. LoRA: r={args.r}, "
-             f"alpha={args.alpha:g} on query/value, head (classifier + pooler.dense) trained in full "
-             f"(modules_to_save). % columns are of the plain "
-             f"model's {counts['base_params']:,} parameters (head: {counts['head_params']:,}). s/step is the median "
-             f"training step (first excluded); peak RSS is each configuration's own process. "
-             f"{args.threads} torch threads; total wall time {total / 60:.1f} min.")
-    print("\n" + md + "\n\n" + notes)
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sst2.md").write_text(f"# LoRA vs full fine-tuning, SST-2 (bench/sst2.py)\n\n{md}\n\n{notes}\n")
-    (out / "sst2.json").write_text(json.dumps({"setup": setup, "results": results}, indent=2) + "\n")
-    print(f"\nwrote {out / 'sst2.md'} and {out / 'sst2.json'}")
     if temp:
         shutil.rmtree(work, ignore_errors=True)
 
