@@ -164,6 +164,16 @@ def test_refusals_leave_the_model_as_it_was():
     assert lorakit.active(model) == {"b": 1.0}
 
 
+def test_operations_on_bc_products_refuse_dora_rather_than_drop_the_magnitude(tmp_path):
+    model = lorakit.inject(tiny("llama"), lorakit.LoraConfig(targets=["q_proj"], use_dora=True))
+    lorakit.save(model, tmp_path / "d.safetensors")
+    a, _ = lorakit.read(tmp_path / "d.safetensors")
+    for call in (lambda: lorakit.combine([(a, 1.0)]), lambda: lorakit.resize(a, 2),
+                 lambda: lorakit.save(model, tmp_path / "x", format="diffusers")):
+        with pytest.raises(lorakit.LoraError, match="is DoRA: .* would drop its magnitude"):
+            call()
+
+
 def test_dora_trains_the_magnitude_and_counts_it():
     model = lorakit.inject(tiny("llama"), lorakit.LoraConfig(r=4, targets=["q_proj", "v_proj"], use_dora=True))
     s = lorakit.summary(model)

@@ -113,6 +113,7 @@ def _parts(inputs: list[tuple[Adapter, float, str]]) -> tuple[dict[str, list[Par
     first: dict[str, tuple[ModuleLora, str]] = {}
     shapes: dict[str, tuple[list[int], str]] = {}
     for a, w, label in inputs:
+        a.plain(f"{label}: combine")
         if not math.isfinite(w):
             raise LoraError(f"{label}: weight {w} is not a finite number")
         for path, shape in a.fingerprint.items():
@@ -295,6 +296,7 @@ def resize(a: Adapter, rank: int | None = None, dynamic: str | None = None,
     if rank is not None and rank < 1:
         raise LoraError(f"--rank must be a positive integer, got {rank}")
     dyn = parse_dynamic(dynamic)
+    a.plain("resize")
     out = Adapter({}, a.use_rslora, saved=a.saved, biases=a.biases, config=None, base_model=a.base_model,
                   fingerprint=a.fingerprint, embeddings=a.embeddings, history=a.history)
     report = Report()

@@ -70,6 +70,9 @@ def analyze(adapter: Adapter, vs: Adapter | None = None, base=None) -> dict:
     nn.Module or diffusers pipeline the adapter was trained on (Table 7)."""
     if not adapter.modules:
         raise LoraError("the adapter holds no LoRA modules to analyse")
+    for a in (adapter, vs):
+        if a is not None:
+            a.plain("the rank analysis")
     weights = {}
     if base is not None:
         from lorakit.core.components import as_module

@@ -62,6 +62,13 @@ class Adapter:
         alpha = Counter(m.alpha for m in self.modules.values()).most_common(1)[0][0]
         return r, alpha
 
+    def plain(self, what: str):
+        """Refuse `what` (an operation or a format that holds B·A products only) for a DoRA adapter, whose
+        magnitudes it would drop."""
+        if dora := next((p for p, m in self.modules.items() if m.magnitude is not None), None):
+            raise LoraError(f"module {dora!r} is DoRA: {what} holds low-rank B·A updates only and would drop its "
+                            "magnitude. Merge it into the base (lorakit merge-into), or save it as lorakit, PEFT or kohya")
+
     def num_params(self) -> int:
         lora = sum(m.A.numel() + m.B.numel() + (0 if m.magnitude is None else m.magnitude.numel())
                    for m in self.modules.values())

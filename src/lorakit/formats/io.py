@@ -138,6 +138,8 @@ def write(a: canonical.Adapter, path, format: str = "lorakit", **options) -> Pat
     path = Path(path)
     if format not in FORMATS:
         raise LoraError(f"unknown format {format!r}; choose one of {FORMATS}")
+    if format not in ("lorakit", "peft", "kohya"):
+        a.plain(f"the {format} format")
     if format in ("diffusers", "kohya"):
         if path.suffix != ".safetensors":
             path = path / (diffusers.WEIGHTS_NAME if format == "diffusers" else "lora.safetensors")
