@@ -91,7 +91,7 @@ def merge(path, results: list[dict], label: str, setup: dict, order) -> tuple[li
         if not runs:  # a file written before rows carried their run: label it by its last commit
             try:
                 earlier = subprocess.run(["git", "log", "-1", "--format=%cd", "--date=format-local:%Y-%m-%d %H:%M UTC",
-                                          "--", path.name], cwd=path.parent, capture_output=True, text=True,
+                                          "--", path.name], cwd=path.parent, capture_output=True, text=True, check=False,
                                          env={**os.environ, "TZ": "UTC"}).stdout.strip() or "earlier"
             except OSError:
                 earlier = "earlier"

@@ -31,7 +31,17 @@ import os
 import time
 from pathlib import Path
 
-from common import flags, merge, peft_loop, recipe, report, run_child, run_label, run_mark, run_notes
+from common import (
+    flags,
+    merge,
+    peft_loop,
+    recipe,
+    report,
+    run_child,
+    run_label,
+    run_mark,
+    run_notes,
+)
 
 HERE = Path(__file__).resolve().parent
 DATA = (HERE.parent / ".." / "shared" / "data" / "e2e").resolve()
@@ -116,7 +126,7 @@ def run_one(args) -> dict:
     elif name == "peft-loop":
         import peft
 
-        lora = dict(r=4, alpha=32, dropout=0.1, targets=["q_proj", "v_proj"], lr=args.lr_lora)
+        lora = {"r": 4, "alpha": 32, "dropout": 0.1, "targets": ["q_proj", "v_proj"], "lr": args.lr_lora}
         examples = datalib.read_examples(Path(args.data_dir) / "valid.txt")[0]
         torch.manual_seed(args.seed)
         model, tokenizer, _ = pretrained.load("smollm2-135m")
@@ -151,12 +161,12 @@ def run_one(args) -> dict:
         if name.startswith("peft"):
             import peft
 
-            adapt = lambda m: peft.get_peft_model(m, peft.LoraConfig(  # noqa: E731
+            adapt = lambda m: peft.get_peft_model(m, peft.LoraConfig(
                 r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                 target_modules=cfg.lora.targets))
         t0 = time.perf_counter()
         result = train(cfg, adapt=adapt)
-        used = dict(full_finetune=cfg.full_finetune, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+        used = dict(full_finetune=cfg.full_finetune, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,  # noqa: C408
                     targets=cfg.lora.targets, use_rslora=cfg.lora.use_rslora, init=cfg.lora.init,
                     use_dora=getattr(cfg.lora, "use_dora", False), quantize=getattr(cfg, "quantize", None),
                     lora_plus_ratio=cfg.lora_plus_ratio, lr=cfg.lr, schedule=cfg.schedule, warmup=cfg.warmup,
@@ -192,7 +202,7 @@ def table(results: list[dict], total_params: int, runs: dict) -> str:
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         t = r["trainable_params"]
-        f = lambda k, fmt: format(r[k], fmt) if r.get(k) is not None else "–"  # noqa: E731
+        f = lambda k, fmt: format(r[k], fmt) if r.get(k) is not None else "–"
         size = f"{r['adapter_bytes'] / 2**20:.2f} MiB" if r.get("adapter_bytes") else "–"
         lines.append(f"| {r['config']} | {r.get('recipe') or RECIPES.get(r['config'], '–')} | {f('lr', 'g')} | "
                      f"{t:,} | {100 * t / total_params:.3f} % | {r['bleu']:.2f} | "
@@ -236,7 +246,8 @@ def main(argv=None):
         dest = Path(args.results)
         dest.mkdir(parents=True, exist_ok=True)
         setup = {**{k: v for k, v in vars(args).items() if k not in ("one", "only")}, "torch": torch.__version__,
-                 "lorakit": os.environ.get("LORAKIT_COMMIT", "worktree"), "total_wall_s": total, "configs": [r["config"] for r in results], "failed": failed}
+                 "lorakit": os.environ.get("LORAKIT_COMMIT", "worktree"), "total_wall_s": total,
+                 "configs": [r["config"] for r in results], "failed": failed}
         merged, runs = merge(dest / "e2e.json", results, label, setup, list(CONFIGS))
         plain = [r["total_params"] - (0 if r["config"] == "full" else r["trainable_params"])
                  for r in merged if r.get("total_params") and r["config"] in ("full", "lora-qv-r4")]

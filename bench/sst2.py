@@ -29,7 +29,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import flags, merge, peft_loop, recipe, report, run_child, run_label, run_mark, run_notes
+from common import (
+    flags,
+    merge,
+    peft_loop,
+    recipe,
+    report,
+    run_child,
+    run_label,
+    run_mark,
+    run_notes,
+)
 
 HERE = Path(__file__).resolve().parent
 DATA = (HERE.parent / ".." / "shared" / "data" / "sst2").resolve()
@@ -116,11 +126,11 @@ def run_one(args) -> dict:
     from lorakit.options import build
 
     work, name = Path(args.workdir), args.one
-    common = dict(model="minilm-l6", task="classify", data=str(work / "train.tsv"), eval_data=str(work / "dev.tsv"),
-                  out=str(work / f"run-{name}"), overwrite=True, max_steps=args.steps, batch_size=args.batch_size,
-                  seed=args.seed)
-    lora = dict(r=args.r, alpha=args.alpha, dropout=0.05, targets=["query", "value"], lr=args.lr_lora,
-                max_length=args.max_length, schedule="cosine", warmup=0.05)
+    common = {"model": "minilm-l6", "task": "classify", "data": str(work / "train.tsv"),
+              "eval_data": str(work / "dev.tsv"), "out": str(work / f"run-{name}"), "overwrite": True,
+              "max_steps": args.steps, "batch_size": args.batch_size, "seed": args.seed}
+    lora = {"r": args.r, "alpha": args.alpha, "dropout": 0.05, "targets": ["query", "value"], "lr": args.lr_lora,
+            "max_length": args.max_length, "schedule": "cosine", "warmup": 0.05}
     keep = ("steps", "trainable_params", "total_params", "eval_accuracy", "eval_accuracy_before", "eval_loss",
             "eval_loss_before", "final_loss", "adapter_bytes", "seconds_per_step")
     t0 = time.perf_counter()
@@ -130,14 +140,14 @@ def run_one(args) -> dict:
         # TrainConfig's own defaults for everything else (r 8, alpha 16, dropout 0.05, lr 2e-4, cosine, 5 % warmup,
         # wd 0, clip 1.0, max_length 256) -- but the default targets q_proj,v_proj name no module of BERT (lorakit
         # refuses to run), so the one change is BERT's names for the same two projections
-        kw = dict(targets=["query", "value"])
+        kw = {"targets": ["query", "value"]}
     else:
         kw = {**lora, **CONFIGS[name]}
         if kw.get("full_finetune"):
             kw["lr"] = args.lr_full
     cfg = build(TrainConfig, **common, **kw)
     result = train(cfg)
-    used = dict(full_finetune=cfg.full_finetune, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+    used = dict(full_finetune=cfg.full_finetune, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,  # noqa: C408
                 targets=cfg.lora.targets, use_rslora=cfg.lora.use_rslora, init=cfg.lora.init,
                 use_dora=getattr(cfg.lora, "use_dora", False), quantize=getattr(cfg, "quantize", None),
                 lora_plus_ratio=cfg.lora_plus_ratio, lr=cfg.lr, schedule=cfg.schedule, warmup=cfg.warmup,
@@ -236,7 +246,9 @@ def main(argv=None):
     write_tsv(train_rows, work / "train.tsv")
     write_tsv(dev_rows, work / "dev.tsv")
 
-    from lorakit.llm import data as datalib  # check that lorakit reads the subset files back as they were written
+    from lorakit.llm import (
+        data as datalib,  # check that lorakit reads the subset files back as they were written
+    )
 
     for rows, name in ((train_rows, "train.tsv"), (dev_rows, "dev.tsv")):
         back = datalib.read_examples(work / name)[0]
