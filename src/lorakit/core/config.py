@@ -11,7 +11,7 @@ from typing import Literal
 from lorakit.core.errors import LoraError
 
 BIAS_MODES = ("none", "all", "lora_only")
-INITS = (True, False, "gaussian")
+INITS = (True, False, "gaussian", "pissa", "olora")  # and "pissa_niter_K"
 FACTOR_DTYPES = ("fp32", "base")
 
 
@@ -24,8 +24,11 @@ class LoraConfig:
     (every Linear/Conv1D except the output head). ``exclude`` follows the same rules and wins.
     rank_pattern / alpha_pattern: ``{key: value}`` overrides, where key is a suffix regex of the
     module name (PEFT's rule). scale = alpha/r, or alpha/sqrt(r) with ``use_rslora``.
-    init: True (A kaiming-uniform, B=0; embeddings A=0, B~N(0,1)), "gaussian" (A~N(0,1/r)) or
-    False (both random: a non-identity adapter, for tests).
+    init: True (A kaiming-uniform, B=0; embeddings A=0, B~N(0,1)), "gaussian" (A~N(0,1/r)),
+    False (both random: a non-identity adapter, for tests), or, on Linear/Conv1D layers, "pissa" (B·A = the weight's
+    top-r singular part, moved out of the base weight), "pissa_niter_K" (the same by K-iteration randomised SVD) or
+    "olora" (B·A = the first r columns of W's QR factors): PEFT's inits. Those two change the base weight; saving
+    writes the equivalent plain LoRA (rank 2r) for the untouched base, and delete() puts the base back.
     bias: "none", "all" (train every bias) or "lora_only" (biases of targeted layers); trained
     biases are saved with the adapter. modules_to_save: modules trained in full, one copy per adapter.
     factor_dtype: "fp32" (the factors of a bf16/fp16 base are kept in fp32, as PEFT does, so small updates are not
@@ -64,8 +67,9 @@ class LoraConfig:
             raise LoraError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.bias not in BIAS_MODES:
             raise LoraError(f"LoraConfig.bias must be one of {BIAS_MODES}, got {self.bias!r}")
-        if self.init not in INITS:
-            raise LoraError(f"LoraConfig.init must be True, False or 'gaussian', got {self.init!r}")
+        if self.init not in INITS and not (isinstance(self.init, str) and re.fullmatch(r"pissa_niter_[1-9]\d*", self.init)):
+            raise LoraError(f"LoraConfig.init must be True, False, 'gaussian', 'pissa', 'pissa_niter_K' (K a positive "
+                            f"integer) or 'olora', got {self.init!r}")
         for key in ("fast_dropout", "use_dora", "use_rslora"):
             if not isinstance(getattr(self, key), bool):
                 raise LoraError(f"LoraConfig.{key} must be True or False, got {getattr(self, key)!r}")

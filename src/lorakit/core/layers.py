@@ -94,6 +94,7 @@ class LoraLayer(nn.Module):
         self.lora_B = nn.ParameterDict()
         self.lora_magnitude = nn.ParameterDict()  # DoRA adapters' m
         self.lora_dora_axis: dict[str, str] = {}  # "out" (PEFT) or "in" (LyCORIS dora_scale)
+        self.lora_init: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA/OLoRA: A0, B0 moved out of W
         self.lora_kind = kind_of(self)
         self.lora_alpha: dict[str, float] = {}
         self.lora_scale: dict[str, float] = {}
@@ -142,15 +143,51 @@ class LoraLayer(nn.Module):
         self.lora_scale[name] = scale
         self.lora_dropout[name] = 0.0 if self.lora_kind == "embedding" else dropout
         self.lora_fast_dropout[name] = fast_dropout
+        if isinstance(init, str) and init.startswith(("pissa", "olora")):
+            self.lora_principal(name, init, scale)
         if dora:
             self.lora_dora_axis[name] = dora
             with torch.no_grad():
                 self.lora_magnitude[name] = nn.Parameter(self.lora_norm(name, self.lora_dora_V(name)).to(dtype))
 
+    @torch.no_grad()
+    def lora_principal(self, name: str, init: str, scale: float):
+        """PiSSA / OLoRA (PEFT's numerics): A and B start as the weight's principal part, top-r SVD (split as
+        √S on each side) or the first r columns of QR, divided by the scale, and W keeps the residual W − s·B·A;
+        A0 and B0 are kept for saving (and delete) on the untouched base. Plain Linear/Conv1D weights only
+        (add_adapter checks)."""
+        A, B, r = self.lora_A[name], self.lora_B[name], self.lora_A[name].shape[0]
+        W = self.weight.float() if self.lora_kind == "linear" else self.weight.float().T  # (out, in)
+        if init == "olora":
+            Q, R = torch.linalg.qr(W)
+            A0, B0 = R[:r], Q[:, :r]
+        else:
+            if init == "pissa":
+                U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+                U, S, Vh = U[:, :r], S[:r], Vh[:r]
+            else:
+                U, S, V = torch.svd_lowrank(W, r, niter=int(init.split("_niter_")[1]))
+                Vh = V.T
+            S = S / scale
+            A0, B0 = torch.diag(S.sqrt()) @ Vh, U @ torch.diag(S.sqrt())
+        A.copy_(A0)
+        B.copy_(B0)
+        self.lora_init[name] = (A.detach().clone(), B.detach().clone())
+        self.weight.sub_(self.lora_lowrank({name: 1.0}).to(self.weight.dtype))
+
+    @torch.no_grad()
+    def lora_unresidual(self, name: str):
+        """Give back to W what lora_principal moved out of it (s·B0·A0): the base as it was before the adapter."""
+        if name in self.lora_init:
+            A0, B0 = self.lora_init.pop(name)
+            D = delta(A0, B0) * self.lora_scale[name]
+            self.weight.add_((D if self.lora_kind == "linear" else D.T).to(self.weight.dtype))
+
     def lora_names(self) -> list[str]:
         return list(self.lora_A)
 
     def lora_remove(self, name: str):
+        self.lora_unresidual(name)
         for d in (self.lora_A, self.lora_B):
             del d[name]
         if name in self.lora_magnitude:
@@ -641,7 +678,7 @@ def swap_out(module: nn.Module) -> nn.Module:
             del module._modules[attr]
     for attr in ("lora_hot_A", "lora_hot_B"):
         module._buffers.pop(attr, None)
-    for attr in ("lora_kind", "lora_dora_axis", "lora_alpha", "lora_scale", "lora_dropout", "lora_fast_dropout", "lora_weights",
+    for attr in ("lora_kind", "lora_dora_axis", "lora_init", "lora_alpha", "lora_scale", "lora_dropout", "lora_fast_dropout", "lora_weights",
                  "lora_merged", "lora_premerge", "lora_guarded", "lora_rows", "lora_slots", "lora_slot_A", "lora_slot_B",
                  "disabled", "_lora_hook"):
         module.__dict__.pop(attr, None)

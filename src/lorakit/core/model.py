@@ -16,7 +16,8 @@ from lorakit.core.config import LoraConfig, scale
 from lorakit.core.errors import LoraError
 from lorakit.core.guard import GUARDS, Part
 from lorakit.core.guard import guard as guarded
-from lorakit.core.layers import LoraLayer, SavedModule, fresh_copy, is_hot, is_lora, swap_in, swap_out
+from lorakit.core.layers import LoraLayer, SavedModule, fresh_copy, is_hot, is_lora, kind_of, swap_in, swap_out
+from lorakit.core.quant import is_quantized
 from lorakit.core.targeting import check_patterns, closest, find_targets, matches, plain_modules
 
 
@@ -131,6 +132,12 @@ def add_adapter(model: nn.Module, name: str, ranks: dict[str, tuple[int, float]]
         if too := [p for p, (r, _) in ranks.items() if r > modules[p].lora_hot_A.shape[0]]:
             raise LoraError(f"adapter {name!r} has rank {ranks[too[0]][0]} at {too[0]!r}, more than the "
                             f"{modules[too[0]].lora_hot_A.shape[0]} prepare_hotswap made room for")
+    if isinstance(config.init, str) and config.init.startswith(("pissa", "olora")):  # before any weight changes
+        for path in ranks:
+            w = modules[path].weight
+            if kind_of(modules[path]) not in ("linear", "conv1d_t") or is_quantized(w):
+                raise LoraError(f"init={config.init!r} needs plain Linear or Conv1D weights (it moves part of W into "
+                                f"the adapter); {path!r} is {'quantized' if is_quantized(w) else kind_of(modules[path])}")
     try:
         for path, (r, alpha) in ranks.items():
             m = modules[path]
@@ -413,6 +420,10 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
                               if isinstance(m, LoraLayer) and m.lora_weights and not m.lora_merged})
     else:
         unmerge(model)
+    for m in lora_modules(model).values():  # PiSSA/OLoRA bases get back what was moved out of them, unless baked
+        for n in list(getattr(m, "lora_init", {})):
+            if n not in baked:
+                m.lora_unresidual(n)
     for m in lora_modules(model).values():
         if merge and isinstance(m, LoraLayer):
             m.lora_merge()  # one layer at a time: its pre-merge copy goes with swap_out below

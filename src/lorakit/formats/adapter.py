@@ -77,7 +77,9 @@ class Adapter:
 
 
 def from_model(model: nn.Module, name: str) -> Adapter:
-    """The adapter `name` of the model, in canonical form (tensors detached, on CPU)."""
+    """The adapter `name` of the model, in canonical form (tensors detached, on CPU). A PiSSA/OLoRA adapter, trained
+    on a residual base W − s·B0·A0, comes out as the plain LoRA [B, −B0]·[A; A0] of rank 2r and the same scale, which
+    gives the trained model on the untouched base (PEFT's path_initial_model_for_weight_conversion)."""
     info = adapter_infos(model).get(name)
     if info is None:
         raise LoraError(f"no adapter named {name!r} on this model; it has {list(adapter_infos(model)) or 'none'}")
@@ -87,6 +89,11 @@ def from_model(model: nn.Module, name: str) -> Adapter:
     for path, m in lora_modules(model).items():
         if isinstance(m, LoraLayer) and name in m.lora_A:
             a.modules[path] = ModuleLora(cpu(m.lora_A[name]), cpu(m.lora_B[name]), m.lora_alpha[name], m.lora_kind)
+            if name in m.lora_init:
+                A0, B0 = m.lora_init[name]
+                alpha = m.lora_alpha[name] * (2 ** 0.5 if cfg.use_rslora else 2)
+                a.modules[path] = ModuleLora(torch.cat([a.modules[path].A, cpu(A0)]),
+                                             torch.cat([a.modules[path].B, -cpu(B0)], 1), alpha, m.lora_kind)
             if name in m.lora_magnitude:
                 a.modules[path].magnitude = cpu(m.lora_magnitude[name])
                 a.modules[path].dora_axis = m.lora_dora_axis[name]
@@ -225,8 +232,9 @@ def apply(model: nn.Module, adapter: Adapter, name: str, source: str = "adapter"
     if dora and len(dora) < len(modules):
         raise LoraError(f"{source}: some modules have DoRA magnitudes and others not "
                         f"({next(p for p, ml in modules.items() if ml.magnitude is None)!r}); the file is incomplete")
-    if adapter.config is not None:
-        cfg = dataclasses.replace(adapter.config, use_rslora=adapter.use_rslora, use_dora=bool(dora))
+    if adapter.config is not None:  # (the factors are loaded, so no init that changes the base runs again)
+        cfg = dataclasses.replace(adapter.config, use_rslora=adapter.use_rslora, use_dora=bool(dora),
+                                  init=adapter.config.init if adapter.config.init in (True, False, "gaussian") else True)
     else:
         r, alpha = adapter.common() if adapter.modules else (8, 8)
         cfg = LoraConfig(r=r, alpha=alpha, targets=[paths[p] for p in [*adapter.modules, *adapter.saved]],
