@@ -213,3 +213,17 @@ def test_lycoris_dora_scale_files_read(tiny_sd, tmp_path, axis):
     if axis == "in":
         with pytest.raises(lorakit.LoraError, match="per input channel"):
             lorakit.save(unet, tmp_path / "peft", format="peft")
+
+
+def test_inference_keeps_the_gain_until_something_it_depends_on_changes():
+    model = lorakit.inject(tiny("llama"), lorakit.LoraConfig(r=4, targets=["q_proj"], init=False, use_dora=True))
+    first = logits(model)
+    assert torch.equal(logits(model), first)
+    q = model.model.layers[0].self_attn.q_proj
+    assert "default" in q.lora_gain_cache
+    with torch.no_grad():
+        q.lora_B["default"].mul_(2)  # in place: the cached g must not be reused
+    fresh = lorakit.inject(tiny("llama"), lorakit.LoraConfig(r=4, targets=["q_proj"], init=False, use_dora=True))
+    fresh.load_state_dict(model.state_dict())
+    fresh.model.layers[0].self_attn.q_proj.lora_gain_cache.clear()
+    assert torch.equal(logits(model), logits(fresh)) and not torch.equal(logits(model), first)

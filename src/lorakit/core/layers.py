@@ -95,6 +95,7 @@ class LoraLayer(nn.Module):
         self.lora_magnitude = nn.ParameterDict()  # DoRA adapters' m
         self.lora_dora_axis: dict[str, str] = {}  # "out" (PEFT) or "in" (LyCORIS dora_scale)
         self.lora_init: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA/OLoRA: A0, B0 moved out of W
+        self.lora_gain_cache: dict[str, tuple] = {}  # DoRA's g at inference, with what it was computed from
         self.lora_kind = kind_of(self)
         self.lora_alpha: dict[str, float] = {}
         self.lora_scale: dict[str, float] = {}
@@ -278,7 +279,15 @@ class LoraLayer(nn.Module):
             x = x * dropout_draw(x, p, True)[1] if self.lora_fast_dropout[name] else F.dropout(x, p, training=True)
         x = x.to(A.dtype) if x.is_floating_point() else x
         W = dense(self.weight).to(A.dtype)
-        g = self.lora_gain(name)
+        if torch.is_grad_enabled():
+            g = self.lora_gain(name)
+        else:  # inference (generation): g is kept while the factors, magnitude, scale and weight stay the same
+            m = self.lora_magnitude[name]
+            key = tuple(x for t in (A, B, m, self.weight) for x in (t._version, t.data_ptr())) + (s,)
+            hit = self.lora_gain_cache.get(name)
+            if hit is None or hit[0] != key:
+                hit = self.lora_gain_cache[name] = (key, self.lora_gain(name))
+            g = hit[1]
         if self.lora_dora_axis[name] == "out":
             u = (g - 1) * self.lora_base(x, W) + g * self.lora_apply(x, A, B) * s
         else:
@@ -678,7 +687,7 @@ def swap_out(module: nn.Module) -> nn.Module:
             del module._modules[attr]
     for attr in ("lora_hot_A", "lora_hot_B"):
         module._buffers.pop(attr, None)
-    for attr in ("lora_kind", "lora_dora_axis", "lora_init", "lora_alpha", "lora_scale", "lora_dropout", "lora_fast_dropout", "lora_weights",
+    for attr in ("lora_kind", "lora_dora_axis", "lora_init", "lora_gain_cache", "lora_alpha", "lora_scale", "lora_dropout", "lora_fast_dropout", "lora_weights",
                  "lora_merged", "lora_premerge", "lora_guarded", "lora_rows", "lora_slots", "lora_slot_A", "lora_slot_B",
                  "disabled", "_lora_hook"):
         module.__dict__.pop(attr, None)
