@@ -117,6 +117,8 @@ IN_PROCESS = [
     (TRAIN + " --max-steps -1", "TrainConfig.max_steps (--max-steps) must be more than 0, got -1"),
     (TRAIN + " --lora-plus-ratio 0", "TrainConfig.lora_plus_ratio (--lora-plus-ratio) must be more than 0, got 0.0"),
     (TRAIN + " --quantize bogus", "--quantize: expected one of 'nf4', 'int8' or null, got 'bogus'"),
+    (TRAIN + " --init svd", "LoraConfig.init must be True, False, 'gaussian', 'pissa', 'pissa_niter_K'"),
+    (TRAIN + " --use-dora --targets embed_tokens", "DoRA is not supported on an embedding layer"),
     (TRAIN + " --dropout 1.5", "LoraConfig.dropout must be in [0, 1), got 1.5"),
     (TRAIN + " --targets nonexistent_proj", "targets entry 'nonexistent_proj' matches no module"),
     (TRAIN.replace("data.jsonl", "missing.jsonl"), "missing.jsonl: no such file"),
