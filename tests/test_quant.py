@@ -11,7 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit
 from lorakit import LoraError
-from lorakit.core.quant import dense, is_quantized, quantize
+from lorakit.core.layers import dense, is_quantized
+from lorakit.core.quant import quantize
 
 pytest.importorskip("torchao")
 

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.core.errors import LoraError
-from lorakit.core.quant import dense, is_quantized
 
 # What lorakit can adapt: "linear" (nn.Linear), "conv1d_t" (transformers' GPT-2 Conv1D, weight
 # stored in x out), "embedding" (nn.Embedding) and "conv" (nn.Conv1d/2d/3d).
@@ -28,6 +27,19 @@ def use_fast(enabled: bool = True):
     PEFT computes): the same results (same dropout masks from the same seed) at a higher cost; tests compare them."""
     global _FUSED
     _FUSED = bool(enabled)
+
+
+def is_quantized(w: torch.Tensor) -> bool:
+    """Whether `w` is a quantized weight (a tensor subclass), rather than a plain tensor or Parameter."""
+    return type(w) not in (torch.Tensor, nn.Parameter)
+
+
+def dense(w: torch.Tensor) -> torch.Tensor:
+    """`w` as a plain tensor of its logical shape and dtype: dequantized when it is quantized (torchao's NF4Tensor
+    names that get_original_weight; its dequantize is a static helper)."""
+    if not is_quantized(w):
+        return w
+    return w.get_original_weight() if hasattr(w, "get_original_weight") else w.dequantize()
 
 
 def kind_of(module: nn.Module) -> str | None:

@@ -16,8 +16,8 @@ from lorakit.core.config import LoraConfig, scale
 from lorakit.core.errors import LoraError
 from lorakit.core.guard import GUARDS, Part
 from lorakit.core.guard import guard as guarded
-from lorakit.core.layers import LoraLayer, SavedModule, fresh_copy, is_hot, is_lora, kind_of, swap_in, swap_out
-from lorakit.core.quant import is_quantized
+from lorakit.core.layers import (LoraLayer, SavedModule, fresh_copy, is_hot, is_lora, is_quantized, kind_of, swap_in,
+                                 swap_out)
 from lorakit.core.targeting import check_patterns, closest, find_targets, matches, plain_modules
 
 

@@ -1,8 +1,8 @@
-"""Quantized frozen bases (QLoRA), through torchao: which weights are quantized, and their plain (dequantized) value.
+"""Quantized frozen bases (QLoRA), through torchao: nn.Linear weights quantized in place to NF4 or int8.
 
 A quantized weight is a tensor subclass that keeps the module's `weight` name and its logical shape and dtype; the
-LoRA math reads `dense(w)` wherever it needs W itself (merge, DoRA norms), and a merge puts a plain tensor in place
-of the quantized one (unmerge puts the quantized one back).
+LoRA math (core/layers.py: is_quantized, dense) reads its dequantized value wherever it needs W itself (merge, DoRA
+norms), and a merge puts a plain tensor in place of the quantized one (unmerge puts the quantized one back).
 """
 
 from __future__ import annotations
@@ -11,32 +11,18 @@ import contextlib
 import logging
 import math
 
-import torch
 from torch import nn
 
 from lorakit.core.errors import LoraError
+from lorakit.core.layers import is_quantized
+from lorakit.core.targeting import output_heads
 
 MODES = ("nf4", "int8")
-
-
-def is_quantized(w: torch.Tensor) -> bool:
-    """Whether `w` is a quantized weight (a tensor subclass), rather than a plain tensor or Parameter."""
-    return type(w) not in (torch.Tensor, nn.Parameter)
-
-
-def dense(w: torch.Tensor) -> torch.Tensor:
-    """`w` as a plain tensor of its logical shape and dtype: dequantized when it is quantized (torchao's NF4Tensor
-    names that get_original_weight; its dequantize is a static helper)."""
-    if not is_quantized(w):
-        return w
-    return w.get_original_weight() if hasattr(w, "get_original_weight") else w.dequantize()
 
 
 def quantize(model: nn.Module, mode: str, skip=()) -> nn.Module:
     """Quantize in place the weights of the model's nn.Linear layers to `mode` ("nf4": 4-bit NormalFloat in blocks of
     64, "int8": per-row int8), frozen; output heads and the modules `skip` names (a name or dotted suffix) stay."""
-    from lorakit.core.targeting import output_heads
-
     if mode not in MODES:
         raise LoraError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
     kept = output_heads(model)
