@@ -112,6 +112,7 @@ def merge(path, results: list[dict], label: str, setup: dict, order) -> tuple[li
 def run_notes(runs: dict, wall_key: str = "total_wall_s") -> str:
     """One footnote line per run: its label, a letter the table's `run` column uses, its wall time."""
     return " ".join(f"[{chr(97 + i)}] {label}" + (f", lorakit {v['lorakit']}" if v.get("lorakit") else "")
+                    + (f", {v['threads']} torch thread{'s' if v['threads'] != 1 else ''}" if v.get("threads") else "")
                     + (f", {v[wall_key] / 60:.1f} min for its rows" if v.get(wall_key) else "") + "."
                     for i, (label, v) in enumerate(runs.items()))
 

@@ -267,9 +267,10 @@ def main(argv=None):
                  f"BLEU (sacrebleu) on the first {args.test_mrs} MRs of test.txt against all {n_lines} of their references, "
                  f"{'greedy' if args.num_beams == 1 else f'beam {args.num_beams}'} decoding up to {args.max_new_tokens} "
                  f"new tokens, from the saved artifact reloaded on a fresh base. s/step is the median training step "
-                 f"(first excluded); peak RSS is each configuration's own process. {args.threads} torch threads, torch "
-                 f"{torch.__version__}; other jobs shared the 2-core machine during the later runs, so s/step and wall "
-                 f"times are noisy. Runs: " + run_notes(runs))
+                 f"(first excluded); peak RSS is each configuration's own process. Torch {torch.__version__}, threads per "
+                 f"run below; other jobs (tests, other benchmarks) shared the 2-core machine during the 2026-12-03 "
+                 f"runs, so their s/step, RSS and wall times are noisy and not comparable with run [a]'s (1 thread: 2 "
+                 f"threads on a contended machine were slower still). Runs: " + run_notes(runs))
         if failed:
             notes += f" Failed in run [{run_mark(runs, label)}] (feature not available yet): {', '.join(failed)}."
         print("\n" + md + "\n\n" + notes)

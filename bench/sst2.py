@@ -294,8 +294,10 @@ def main(argv=None):
                  f"With one process and no accumulation lorakit's loss (summed, divided by the global batch's count) "
                  f"equals the mean loss. % columns are of the plain model's {counts['base_params']:,} parameters "
                  f"(head: {counts['head_params']:,}). s/step is the median training step (first excluded); peak RSS is "
-                 f"each configuration's own process. {args.threads} torch threads; other jobs shared the 2-core machine "
-                 f"during the later runs, so s/step and wall times are noisy. Runs: " + run_notes(runs))
+                 f"each configuration's own process. Torch threads per run below; other jobs (tests, other benchmarks) "
+                 f"shared the 2-core machine during the 2026-12-03 runs, so their s/step, RSS and wall times are noisy "
+                 f"and not comparable with run [a]'s (s/step 3 to 6 x slower; the later rows use 1 thread because 2 "
+                 f"threads on a contended machine were slower still). Runs: " + run_notes(runs))
         if failed:
             notes += f" Failed in run [{run_mark(runs, label)}] (feature not available yet): {', '.join(failed)}."
         print("\n" + md + "\n\n" + notes)
