@@ -282,15 +282,20 @@ class LoraLayer(nn.Module):
             return x @ W
         return self._conv_forward(x, W, None)
 
-    def lora_dora_update(self, x: torch.Tensor, name: str, w: float) -> torch.Tensor:
+    def lora_dora_update(self, x: torch.Tensor, name: str, w: float, base: torch.Tensor | None = None) -> torch.Tensor:
         """What DoRA adapter `name` at weight w adds to base(x): w·(x·(g⊙(W + s·B·A))ᵀ − x·Wᵀ), computed as PEFT
-        does, (g − 1)⊙(x·Wᵀ) + g⊙(s·B·A·x) (magnitude per output), or from g⊙x (per input), on dropout(x)."""
+        does, (g − 1)⊙(x·Wᵀ) + g⊙(s·B·A·x) (magnitude per output), or from g⊙x (per input), on dropout(x).
+        `base`: the layer's output base(x), whose x·Wᵀ is reused when there is no dropout."""
         A, B, s = self.lora_A[name], self.lora_B[name], self.lora_scale[name]
         p = self.lora_dropout[name] if self.training else 0.0
+        if base is not None and not p and self.lora_dora_axis[name] == "out":
+            xW = base if self.bias is None else base - (self.bias.view(-1, *[1] * (base.dim() - 2))
+                                                         if self.lora_kind == "conv" else self.bias)
+        else:
+            xW = None
         if p:
             x = x * dropout_draw(x, p, True)[1] if self.lora_fast_dropout[name] else F.dropout(x, p, training=True)
         x = x.to(A.dtype) if x.is_floating_point() else x
-        W = dense(self.weight).to(A.dtype)
         if torch.is_grad_enabled():
             g = self.lora_gain(name)
         else:  # inference (generation): g is kept while the factors, magnitude, scale and weight stay the same
@@ -301,9 +306,10 @@ class LoraLayer(nn.Module):
                 hit = self.lora_gain_cache[name] = (key, self.lora_gain(name))
             g = hit[1]
         if self.lora_dora_axis[name] == "out":
-            u = (g - 1) * self.lora_base(x, W) + g * self.lora_apply(x, A, B) * s
+            xW = self.lora_base(x, dense(self.weight).to(A.dtype)) if xW is None else xW.to(A.dtype)
+            u = (g - 1) * xW + g * self.lora_apply(x, A, B) * s
         else:
-            u = self.lora_base((g - 1) * x, W) + self.lora_apply(g * x, A, B) * s
+            u = self.lora_base((g - 1) * x, dense(self.weight).to(A.dtype)) + self.lora_apply(g * x, A, B) * s
         return u if w == 1 else u * w
 
     def lora_update(self, x: torch.Tensor, weights: dict[str, float]) -> torch.Tensor:
@@ -341,9 +347,11 @@ class LoraLayer(nn.Module):
             return y + self.lora_apply(x, A, B).to(y.dtype)
         weights = self.lora_weights
         if self.lora_magnitude and (dora := [n for n in weights if n in self.lora_magnitude]):
-            y = self.lora_forward(x, {n: w for n, w in weights.items() if n not in dora}, *args, **kwargs)
+            plain = {n: w for n, w in weights.items() if n not in dora}
+            y = self.lora_forward(x, plain, *args, **kwargs)
+            base = None if plain or args or kwargs else y  # x·Wᵀ + b, which DoRA can reuse (as PEFT does)
             for n in dora:
-                y = y + self.lora_dora_update(x, n, weights[n]).to(y.dtype)
+                y = y + self.lora_dora_update(x, n, weights[n], base).to(y.dtype)
             return y
         return self.lora_forward(x, weights, *args, **kwargs)
 
