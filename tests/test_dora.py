@@ -227,3 +227,17 @@ def test_inference_keeps_the_gain_until_something_it_depends_on_changes():
     fresh.load_state_dict(model.state_dict())
     fresh.model.layers[0].self_attn.q_proj.lora_gain_cache.clear()
     assert torch.equal(logits(model), logits(fresh)) and not torch.equal(logits(model), first)
+
+
+def test_dora_on_a_quantized_base_merges_into_dequantized_weights():
+    pytest.importorskip("torchao")
+    from lorakit.core.quant import quantize
+
+    model = lorakit.inject(quantize(tiny("llama"), "int8"), lorakit.LoraConfig(r=4, targets=["q_proj", "v_proj"],
+                                                                              init=False, use_dora=True))
+    perturb_magnitudes(model)
+    model(input_ids=INPUT_IDS, labels=INPUT_IDS).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_magnitude" in n)
+    want = logits(model)
+    lorakit.merge(model)
+    assert torch.allclose(logits(model), want, atol=1e-4, rtol=1e-4)
