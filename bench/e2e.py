@@ -84,6 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--lr-lora", type=float, default=5e-4)
     p.add_argument("--lr-full", type=float, default=5e-5)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads in each child")
+    p.add_argument("--render", action="store_true", help="only rewrite the table from the results JSON (runs nothing)")
     p.add_argument("--only", choices=list(CONFIGS), action="append", help="run only this configuration (repeatable)")
     p.add_argument("--workdir", default="/tmp/lorakit-e2e", help="run folders and the scored subset go here")
     p.add_argument("--results", default=str(HERE / "results"), help="where e2e.md and e2e.json go")
@@ -280,7 +281,9 @@ def main(argv=None):
         (dest / "e2e.json").write_text(json.dumps({"runs": runs, "results": merged}, indent=2) + "\n")
         print(f"\nwrote {dest / 'e2e.md'} and {dest / 'e2e.json'}")
 
-    for name in args.only or CONFIGS:
+    if args.render:
+        save()
+    for name in [] if args.render else args.only or CONFIGS:
         try:
             found = run_child(__file__, ["--one", name, "--workdir", str(work), "--data-dir", str(data), *flags(args, [
                 "test_mrs", "steps", "batch_size", "max_length", "max_new_tokens", "num_beams", "seed", "lr_lora",

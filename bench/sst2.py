@@ -81,6 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads in each child")
+    p.add_argument("--render", action="store_true", help="only rewrite the table from the results JSON (runs nothing)")
     p.add_argument("--only", choices=list(CONFIGS), action="append", help="run only this configuration (repeatable)")
     p.add_argument("--workdir", help="where the run folders go (default: a temp dir, removed at the end)")
     p.add_argument("--results", default=str(HERE / "results"), help="where sst2.md and sst2.json go")
@@ -305,7 +306,9 @@ def main(argv=None):
         (out / "sst2.json").write_text(json.dumps({"runs": runs, "results": merged}, indent=2) + "\n")
         print(f"\nwrote {out / 'sst2.md'} and {out / 'sst2.json'}")
 
-    for name in args.only or CONFIGS:
+    if args.render:
+        save()
+    for name in [] if args.render else args.only or CONFIGS:
         try:
             found = run_child(__file__, ["--one", name, "--workdir", str(work), *flags(args, [
                 "steps", "batch_size", "max_length", "seed", "lr_lora", "lr_full", "r", "alpha", "threads"])])
