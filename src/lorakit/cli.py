@@ -213,7 +213,10 @@ class Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lorakit.core.quant import silence_torchao
     from lorakit.llm.train import TrainConfig
+
+    silence_torchao()
     from lorakit.sd.train import SDTrainConfig
 
     parser = Parser(prog="lorakit", description="LoRA adapters: train, generate, inspect, convert, "

@@ -40,10 +40,20 @@ def quantize(model: nn.Module, mode: str, skip=()) -> nn.Module:
     return model
 
 
+_NOISY = ("torchao", "torch.utils._pytree")  # torchao's CUDA kernels a CPU-only torch cannot load; its Enum notice
+
+
+def silence_torchao():
+    """For lorakit's commands: once torchao is installed, transformers imports it with every model, and on a CPU-only
+    torch it logs the CUDA kernels it cannot load (and torch an Enum deprecation): nothing the user did."""
+    for n in _NOISY:
+        logging.getLogger(n).setLevel(logging.ERROR)
+
+
 @contextlib.contextmanager
 def _quiet():
-    """torchao notes in its log, at import and first use, CUDA kernels that a CPU-only torch cannot load: silenced."""
-    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    """The same, within quantize() only, for library users."""
+    loggers = [logging.getLogger(n) for n in _NOISY]
     levels = [g.level for g in loggers]
     for g in loggers:
         g.setLevel(logging.ERROR)
