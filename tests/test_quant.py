@@ -104,3 +104,30 @@ def test_train_with_quantize_nf4_end_to_end(tmp_path, save_tiny):
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.1
     base = LlamaForCausalLM.from_pretrained(tmp_path / "m")
     lorakit.load(base, tmp_path / "run" / "adapter.safetensors")  # an ordinary adapter on the fp32 base
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_quantized_layers_take_the_fused_path_and_keep_w_packed(mode):
+    """The fused path equals the reference path on a quantized base (outputs and gradients) and keeps no float copy
+    of W for backward (torchao's int8 linear does)."""
+    from test_fast_paths import saved_bytes
+
+    from lorakit.core import layers
+
+    layer = nn.Sequential(nn.Linear(256, 256))
+    quantize(layer, mode)
+    lorakit.inject(layer, lorakit.LoraConfig(r=8, targets=["0"], init=False))
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    runs = {}
+    for fast in (True, False):
+        layers.use_fast(fast)
+        try:
+            kept, y = saved_bytes(lambda: layer(x))
+            y.square().sum().backward()
+        finally:
+            layers.use_fast(True)
+        runs[fast] = kept, y.detach(), x.grad.clone(), layer[0].lora_B["default"].grad.clone()
+        x.grad = layer[0].lora_B["default"].grad = layer[0].lora_A["default"].grad = None
+    for a, b in zip(runs[True][1:], runs[False][1:]):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    assert runs[True][0] < 256 * 256 * 4  # less than W in fp32: x (64 KiB) and the rank-8 products only

@@ -383,8 +383,7 @@ class LoraLayer(nn.Module):
         """Whether the fused path computes exactly what the reference path would: a plain nn.Linear base, floating
         input of the weight's dtype, no autocast (whose casts the reference path gets from F.linear)."""
         return (_FUSED and self.lora_kind == "linear" and type(self).__mro__[2].forward is nn.Linear.forward
-                and not is_quantized(self.weight) and x.dtype == self.weight.dtype
-                and not torch.is_autocast_enabled(x.device.type))
+                and x.dtype == self.weight.dtype and not torch.is_autocast_enabled(x.device.type))
 
     @torch.no_grad()
     def lora_hot_write(self, rank: int | None = None):
@@ -566,7 +565,9 @@ def dropout_noise(keep: torch.Tensor, q: float, dtype: torch.dtype) -> torch.Ten
 class _LoraLinear(torch.autograd.Function):
     """y = x·Wᵀ + b + c·(dropout(x)·Aᵀ)·Bᵀ as one autograd node, the fused path of a linear LoraLayer.
 
-    Equal to the reference path (dropout, then two F.linear), but: the dropout keeps a one-byte mask per element and
+    Equal to the reference path (dropout, then two F.linear), but: a quantized W is kept packed for backward and
+    dequantized where it is used (torchao's int8 linear keeps a float copy); the dropout keeps a one-byte mask per
+    element and
     x itself, which sibling layers share, instead of two float copies (the noise and dropout(x)); the small
     products run in the layouts that are fast for rank-r operands (h is kept as hᵀ, r x N); the update is added to
     y and to the input's gradient in place; frozen parameters get no gradient work.
@@ -575,7 +576,7 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, b, A, B, c, keep, noise, p):
         x2 = x.reshape(-1, x.shape[-1])
-        y = F.linear(x2, W, b)
+        y = F.linear(x2, dense(W), b)
         xd = x2 if keep is None else x2 * noise.reshape(x2.shape)
         hT = A @ xd.to(A.dtype).T  # (r, N)
         if y.dtype == A.dtype:
@@ -597,7 +598,7 @@ class _LoraLinear(torch.autograd.Function):
         ghT = (B.T * c) @ gyl.T  # (r, N)
         gx = gW = gb = gA = gB = None
         if need_x:
-            gx = gy2 @ W
+            gx = gy2 @ dense(W)
             if noise is None and gx.dtype == A.dtype:
                 gx.addmm_(ghT.T, A)
             else:
