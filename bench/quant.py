@@ -28,7 +28,7 @@ from common import flags, report, run_child
 
 HERE = Path(__file__).resolve().parent
 DATA = (HERE.parent / ".." / "shared" / "data" / "e2e").resolve()
-MODES = ("fp32", "fp32-reference", "int8", "nf4")  # fp32-reference: lorakit's reference path, as quantized layers take
+MODES = ("fp32", "fp32-reference", "int8", "nf4")  # fp32-reference: lorakit's reference path (use_fast(False))
 PASS = ["batch", "seq", "threads", "eval_lines", "steps", "train_batch", "lr", "seed", "data_dir"]
 
 

@@ -565,10 +565,9 @@ def dropout_noise(keep: torch.Tensor, q: float, dtype: torch.dtype) -> torch.Ten
 class _LoraLinear(torch.autograd.Function):
     """y = x·Wᵀ + b + c·(dropout(x)·Aᵀ)·Bᵀ as one autograd node, the fused path of a linear LoraLayer.
 
-    Equal to the reference path (dropout, then two F.linear), but: a quantized W is kept packed for backward and
-    dequantized where it is used (torchao's int8 linear keeps a float copy); the dropout keeps a one-byte mask per
-    element and
-    x itself, which sibling layers share, instead of two float copies (the noise and dropout(x)); the small
+    Equal to the reference path (dropout, then two F.linear), but: the dropout keeps a one-byte mask per element and
+    x itself, which sibling layers share, instead of two float copies (the noise and dropout(x)); a quantized W is
+    kept packed for backward and dequantized where it is used (torchao's int8 linear keeps a float copy); the small
     products run in the layouts that are fast for rank-r operands (h is kept as hᵀ, r x N); the update is added to
     y and to the input's gradient in place; frozen parameters get no gradient work.
     """
