@@ -67,7 +67,8 @@ class LoraConfig:
             raise LoraError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.bias not in BIAS_MODES:
             raise LoraError(f"LoraConfig.bias must be one of {BIAS_MODES}, got {self.bias!r}")
-        if self.init not in INITS and not (isinstance(self.init, str) and re.fullmatch(r"pissa_niter_[1-9]\d*", self.init)):
+        niter = isinstance(self.init, str) and re.fullmatch(r"pissa_niter_[1-9]\d*", self.init)
+        if self.init not in INITS and not niter:
             raise LoraError(f"LoraConfig.init must be True, False, 'gaussian', 'pissa', 'pissa_niter_K' (K a positive "
                             f"integer) or 'olora', got {self.init!r}")
         for key in ("fast_dropout", "use_dora", "use_rslora"):

@@ -88,10 +88,9 @@ class LoraLayer(nn.Module):
     kernel, stride, padding, dilation, padding mode and groups (r % groups == 0) and B a 1x1 conv
     with the same groups, so the update is itself a conv of W's shape and merges exactly.
     Embedding: A (r x num), B (dim x r), y = E[x] + s * A^T[x] @ B^T; no dropout on indices.
-    DoRA (Liu et al. 2024, PEFT's numerics): an adapter with a magnitude m changes the weight to g⊙(W + s·B·A), where
-    g = m / ‖W + s·B·A‖ per output row (PEFT; LyCORIS's dora_scale: per input column) and the norm is detached; at
-    weight w it adds w·(g⊙(W + s·B·A) − W), so weights and stacks mean what they mean for LoRA (PEFT's multi-adapter
-    sum at w = 1).
+    DoRA (Liu et al. 2024, PEFT's numerics): an adapter with a magnitude m changes the weight to g⊙(W + s·B·A),
+    where g = m / ‖W + s·B·A‖ per output row (PEFT; LyCORIS's dora_scale: per input column) and the norm is
+    detached; at weight w it adds w·(g⊙(W + s·B·A) − W), so weights and stacks mean what they mean for LoRA.
     Serving: per-row sets (model.set_rows): rows sharing a set form a group, and a linear layer runs one pair of
     batched products for all its groups, over slots that keep each set's factors while they are unchanged.
     Speed: a plain nn.Linear runs base and update as one autograd node (_LoraLinear), tested against the reference
@@ -131,8 +130,8 @@ class LoraLayer(nn.Module):
         base unless factor_dtype="base" (as PEFT: half-precision factors round away small updates in training).
         dora="out"|"in": a DoRA adapter whose magnitude starts at ‖W + s·B·A‖ along that axis."""
         if dora and (self.lora_kind == "embedding" or getattr(self, "groups", 1) > 1):
-            raise LoraError(f"DoRA is not supported on {'an embedding' if self.lora_kind == 'embedding' else 'a grouped conv'}"
-                            " layer; exclude it from the targets or train plain LoRA")
+            what = "an embedding" if self.lora_kind == "embedding" else "a grouped conv"
+            raise LoraError(f"DoRA is not supported on {what} layer; exclude it from the targets or train plain LoRA")
         a_shape, b_shape = factor_shapes(self, r)
         dtype = self.weight.dtype
         if factor_dtype == "fp32" and dtype in (torch.float16, torch.bfloat16):
@@ -300,7 +299,7 @@ class LoraLayer(nn.Module):
             g = self.lora_gain(name)
         else:  # inference (generation): g is kept while the factors, magnitude, scale and weight stay the same
             m = self.lora_magnitude[name]
-            key = tuple(x for t in (A, B, m, self.weight) for x in (t._version, t.data_ptr())) + (s,)
+            key = tuple(v for t in (A, B, m, self.weight) for v in (t._version, t.data_ptr())) + (s,)
             hit = self.lora_gain_cache.get(name)
             if hit is None or hit[0] != key:
                 hit = self.lora_gain_cache[name] = (key, self.lora_gain(name))
@@ -707,8 +706,8 @@ def swap_out(module: nn.Module) -> nn.Module:
             del module._modules[attr]
     for attr in ("lora_hot_A", "lora_hot_B"):
         module._buffers.pop(attr, None)
-    for attr in ("lora_kind", "lora_dora_axis", "lora_init", "lora_gain_cache", "lora_alpha", "lora_scale", "lora_dropout", "lora_fast_dropout", "lora_weights",
-                 "lora_merged", "lora_premerge", "lora_guarded", "lora_rows", "lora_slots", "lora_slot_A", "lora_slot_B",
+    for attr in ("lora_kind", "lora_dora_axis", "lora_init", "lora_gain_cache", "lora_alpha", "lora_scale",
+                 "lora_dropout", "lora_fast_dropout", "lora_weights", "lora_merged", "lora_premerge", "lora_guarded", "lora_rows", "lora_slots", "lora_slot_A", "lora_slot_B",
                  "disabled", "_lora_hook"):
         module.__dict__.pop(attr, None)
     module.__class__ = type(module).__mro__[2]
