@@ -26,7 +26,9 @@ def inspect(path: str, allow_pickle: bool = False) -> str:
         f"format:      {fmt}",
         f"base model:  {a.base_model or '(not recorded)'}",
         f"modules:     {len(a.modules)} LoRA" + (f" + {len(a.saved)} saved in full" if a.saved else ""),
-        f"ranks:       {ranks}    alphas: {alphas}    rsLoRA: {a.use_rslora}",
+        f"ranks:       {ranks}    alphas: {alphas}    rsLoRA: {a.use_rslora}    DoRA: "
+        + (", ".join(sorted({f"magnitude per {m.dora_axis}put channel" for m in a.modules.values()
+                             if m.magnitude is not None})) or "no"),
         f"parameters:  {a.num_params():,}",
         f"size:        {size:,} bytes ({size / 2**20:.2f} MiB)",
         "",
