@@ -186,9 +186,10 @@ def test_dora_trains_the_magnitude_and_counts_it():
 
 @pytest.mark.parametrize("axis", ["in", "out"])
 def test_lycoris_dora_scale_files_read(tiny_sd, tmp_path, axis):
-    """A kohya/LyCORIS file with `dora_scale`: W' = (W + s·up·down)·dora_scale/‖W + s·up·down‖, the norm over each
-    input column for a (1, in) scale and over each output row for an (out, 1) one (LyCORIS's apply_weight_decompose
-    at multiplier 1, as ComfyUI applies it); it writes back to kohya bit for bit."""
+    """A kohya/LyCORIS file with `dora_scale` (1, in) or (out, 1) gives the UNet the weight the real LyCORIS
+    computes (lycoris.functional.general.weight_decompose of W + s·up·down, multiplier 1); it writes back to kohya
+    with the same magnitudes."""
+    lycoris = pytest.importorskip("lycoris.functional.general")
     from test_kohya import ATTN, unet_out
 
     unet = tiny_sd.unet
@@ -203,7 +204,7 @@ def test_lycoris_dora_scale_files_read(tiny_sd, tmp_path, axis):
                f"{name}.dora_scale": scale}, tmp_path / "dora.safetensors")
     want_unet = copy.deepcopy(unet)
     with torch.no_grad():
-        want_unet.get_submodule(path).weight.copy_(V * scale / norm)
+        want_unet.get_submodule(path).weight.copy_(lycoris.weight_decompose(V.clone(), scale, 1, axis == "out"))
     lorakit.load(unet, tmp_path / "dora.safetensors")
     assert torch.allclose(unet_out(unet), unet_out(want_unet), atol=1e-5, rtol=1e-5)
     lorakit.save(unet, tmp_path / "back.safetensors", format="kohya")
