@@ -67,6 +67,7 @@ CONFIGS = {
     "lora-qv-r4-int8": {"quantize": "int8"},
     "peft-loop": {},  # PEFT's get_peft_model (lora-qv-r4's settings) + a plain constant-lr loop (common.peft_loop)
     "defaults": {},   # lorakit's own TrainConfig defaults but data, steps, batch
+    "defaults-lr2e-3": {"lr": 2e-3},  # the same with lr 2e-3
 }
 INSTRUCTION = "Write one sentence for a restaurant guide that states exactly these facts: "
 
@@ -147,8 +148,8 @@ def run_one(args) -> dict:
         model, tokenizer, _ = pretrained.load("smollm2-135m")  # scored like peft-qv-r4: reloaded on a fresh base
         model = peft.PeftModel.from_pretrained(model, str(work / name / "adapter"))
     else:
-        if name == "defaults":  # TrainConfig's own defaults for every other field
-            kw = {}
+        if name.startswith("defaults"):  # TrainConfig's own defaults for every other field
+            kw = dict(CONFIGS[name])
         else:
             kw = {"dropout": 0.1, "lr": args.lr_lora, "max_length": args.max_length, "weight_decay": 0.01,
                   "schedule": "cosine", "warmup": 0.05, "r": 4, "alpha": 32, "targets": ["q_proj", "v_proj"],
