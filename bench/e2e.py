@@ -56,6 +56,7 @@ CONFIGS = {
     "peft-qv-r4": {},  # PEFT's get_peft_model with lora-qv-r4's settings, through lorakit's loop
     "lora-qv-r4-lr1e-3": {"lr": 1e-3},
     "lora-qv-r4-lr2e-3": {"lr": 2e-3},
+    "lora-qv-r4-constant": {"schedule": "constant", "warmup": 0},  # lorakit's loop at peft-loop's schedule
     "lora-qv-r4-rslora": {"use_rslora": True},  # scale 32/sqrt(4) = 16 instead of 8
     "lora-qv-r4-plus": {"lora_plus_ratio": 16},
     "lora-qv-r4-plus-lr2e-4": {"lora_plus_ratio": 16, "lr": 2e-4},
