@@ -274,6 +274,9 @@ def main(argv=None):
                  f"run below; other jobs (tests, other benchmarks) shared the 2-core machine during the 2026-12-03 "
                  f"runs, so their s/step, RSS and wall times are noisy and not comparable with run [a]'s (1 thread: 2 "
                  f"threads on a contended machine were slower still). Runs: " + run_notes(runs))
+        missing = [n for n in CONFIGS if n not in {r["config"] for r in merged}]
+        if missing:
+            notes += f" Defined in the script but not measured: {', '.join(missing)}."
         if failed:
             notes += f" Failed in run [{run_mark(runs, label)}] (feature not available yet): {', '.join(failed)}."
         print("\n" + md + "\n\n" + notes)

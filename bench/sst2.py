@@ -60,7 +60,9 @@ CONFIGS = {
     "lora-dora": {"use_dora": True},
     "lora-dora-lr2e-3": {"use_dora": True, "lr": 2e-3},
     "lora-pissa": {"init": "pissa_niter_4"},
+    "lora-pissa-lr2e-3": {"init": "pissa_niter_4", "lr": 2e-3},
     "lora-nf4": {"quantize": "nf4"},
+    "lora-nf4-lr2e-3": {"quantize": "nf4", "lr": 2e-3},
     "lora-int8": {"quantize": "int8"},
     "peft-loop": {},  # PEFT get_peft_model + a plain constant-lr loop (common.peft_loop), lora's r/alpha/targets/lr
     "defaults": {},   # lorakit's own TrainConfig defaults but data, steps, batch (and targets: see run_one)
@@ -297,8 +299,11 @@ def main(argv=None):
                  f"(head: {counts['head_params']:,}). s/step is the median training step (first excluded); peak RSS is "
                  f"each configuration's own process. Torch threads per run below; other jobs (tests, other benchmarks) "
                  f"shared the 2-core machine during the 2026-12-03 runs, so their s/step, RSS and wall times are noisy "
-                 f"and not comparable with run [a]'s (s/step 3 to 6 x slower; the later rows use 1 thread because 2 "
+                 f"and not comparable with run [a]'s (up to 5 x slower; the later rows use 1 thread because 2 "
                  f"threads on a contended machine were slower still). Runs: " + run_notes(runs))
+        missing = [n for n in CONFIGS if n not in {r["config"] for r in merged}]
+        if missing:
+            notes += f" Defined in the script but not measured: {', '.join(missing)}."
         if failed:
             notes += f" Failed in run [{run_mark(runs, label)}] (feature not available yet): {', '.join(failed)}."
         print("\n" + md + "\n\n" + notes)
