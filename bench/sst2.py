@@ -292,7 +292,7 @@ def main(argv=None):
                  f"loss) over lorakit's token rows and batches; it differs from `lora` in the schedule (constant vs "
                  f"cosine + 5 % warmup), clipping (none vs 1.0), weight decay (0.01 vs 0) and the implementation "
                  f"(PEFT vs lorakit; dropout masks are drawn differently). `defaults`: lorakit's TrainConfig defaults "
-                 f"(r8 α16 dropout 0.05, lr 2e-4, cosine 5 % warmup, wd 0, clip 1.0, max_length 256) but for data, "
+                 f"as of the run's commit (r8 α16 dropout 0.05, lr 2e-4 until 396cb7e made it 2e-3, cosine 5 % warmup, wd 0, clip 1.0, max_length 256) but for data, "
                  f"steps, batch and targets (the default q_proj,v_proj names nothing in BERT, so query,value). "
                  f"With one process and no accumulation lorakit's loss (summed, divided by the global batch's count) "
                  f"equals the mean loss. % columns are of the plain model's {counts['base_params']:,} parameters "
