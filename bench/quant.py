@@ -28,7 +28,8 @@ from common import flags, report, run_child
 
 HERE = Path(__file__).resolve().parent
 DATA = (HERE.parent / ".." / "shared" / "data" / "e2e").resolve()
-MODES = ("fp32", "fp32-reference", "int8", "nf4")  # fp32-reference: lorakit's reference path (use_fast(False))
+MODES = ("fp32", "fp32-reference", "int8", "nf4")  # fp32-reference: lorakit's reference path (use_fast(False)), as
+# quantized layers took before they shared the fused path (which keeps W packed for backward)
 PASS = ["batch", "seq", "threads", "eval_lines", "steps", "train_batch", "lr", "seed", "data_dir"]
 
 
@@ -73,7 +74,7 @@ def child(args) -> dict:
     from lorakit.llm import pretrained
     from lorakit.llm.train import evaluate
 
-    use_fast(args.child == "fp32")  # the others take the reference path: F.linear on W, then the LoRA update
+    use_fast(args.child != "fp32-reference")  # the fused path (quantized W dequantized where used) but for that row
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t = time.perf_counter()
@@ -146,20 +147,20 @@ def markdown(rows: dict, args, seconds: float) -> str:
     return (f"# QLoRA: a quantized frozen base (bench/quant.py)\n\n"
             f"SmolLM2-135M, LoRA r8 α16 all-linear (dropout 0.05) on a base whose linear layers are fp32, int8 "
             f"(torchao Int8WeightOnlyConfig, per row) or NF4 (torchao NF4Tensor, blocks of 64); embeddings and the "
-            f"tied output head stay fp32. Quantized layers take lorakit's reference path (F.linear on the quantized "
-            f"weight, then the LoRA update); fp32-reference is fp32 on that path too (fp32: the fused fast path). CPU, "
+            f"tied output head stay fp32. Every base takes lorakit's fused path (a quantized W is dequantized where it "
+            f"is used and kept packed for backward) but fp32-reference, fp32 on the reference path (F.linear, then the "
+            f"LoRA update), the path quantized layers took before. CPU, "
             f"{args.threads} threads. Step: forward + backward + AdamW on a random {args.batch} x {args.seq} batch; "
             f"peak RSS of the second step (VmHWM reset first; MALLOC_MMAP_THRESHOLD_=65536). Held-out loss: mean over "
             f"reference tokens of {args.eval_lines} E2E test lines (MR||reference) on the untouched base{trained}.\n\n"
             f"{table(rows, args)}\n\n"
             "What a step holds besides the weights (activations, the 49k-vocabulary logits of a 4 x 128 batch, "
             "autograd's saved tensors) dwarfs a 135M model's linear weights, so the weight savings barely show in the "
-            "peak; NF4 dequantizes each weight in forward and again in backward and saves only the packed weight "
-            "(peak ≈ fp32 on the same path, step slower: pure-PyTorch dequantization), while torchao's int8 F.linear "
-            "lets autograd save the dequantized fp32 weight of every layer for backward (≈ the fp32 linear weights "
-            "again in the peak). RSS before the step is not lower for the quantized bases despite their smaller weights; "
-            "this benchmark does not say why (modules quantize_ imports, allocator state). Step times vary with the "
-            "machine's load; compare them within one run.\n\n"
+            "peak. Both quantized bases dequantize each weight in forward and again in backward (slower steps: "
+            "pure-PyTorch dequantization on CPU); on the reference path torchao's int8 F.linear let autograd keep the "
+            "dequantized fp32 weight of every layer for backward, which the fused path does not. RSS before the step "
+            "is not lower for the quantized bases despite their smaller weights; this benchmark does not say why. "
+            "Step times vary with the machine's load; compare them within one run.\n\n"
             f"Run: `OMP_NUM_THREADS={args.threads} .venv/bin/python bench/quant.py` ({seconds:.0f} s).\n")
 
 
