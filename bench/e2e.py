@@ -63,6 +63,7 @@ CONFIGS = {
     "lora-qv-r16": {"r": 16, "alpha": 32},
     "lora-all-r8-lr2e-3": {"r": 8, "alpha": 16, "targets": "all-linear", "lr": 2e-3},
     "lora-qv-r4-dora": {"use_dora": True},
+    "lora-qv-r4-dora-lr2e-3": {"use_dora": True, "lr": 2e-3},
     "lora-qv-r4-pissa": {"init": "pissa_niter_4"},
     "lora-qv-r4-nf4": {"quantize": "nf4"},
     "lora-qv-r4-int8": {"quantize": "int8"},
