@@ -117,6 +117,25 @@ def run_notes(runs: dict, wall_key: str = "total_wall_s") -> str:
                     for i, (label, v) in enumerate(runs.items()))
 
 
+def write_results(dest, stem: str, title: str, md: str, notes: str, merged: list[dict], runs: dict, order,
+                  label: str, failed: list[str]) -> str:
+    """Add to `notes` the configurations defined but not measured and the ones that failed in this run, print the
+    table, write DEST/STEM.md and DEST/STEM.json; returns the notes."""
+    from pathlib import Path
+
+    dest = Path(dest)
+    missing = [n for n in order if n not in {r["config"] for r in merged}]
+    if missing:
+        notes += f" Defined in the script but not measured: {', '.join(missing)}."
+    if failed:
+        notes += f" Failed in run [{run_mark(runs, label)}] (feature not available yet): {', '.join(failed)}."
+    print("\n" + md + "\n\n" + notes)
+    (dest / f"{stem}.md").write_text(f"# {title}\n\n{md}\n\n{notes}\n")
+    (dest / f"{stem}.json").write_text(json.dumps({"runs": runs, "results": merged}, indent=2) + "\n")
+    print(f"\nwrote {dest / (stem + '.md')} and {dest / (stem + '.json')}")
+    return notes
+
+
 def run_mark(runs: dict, label: str) -> str:
     return chr(97 + list(runs).index(label)) if label in runs else "?"
 

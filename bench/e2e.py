@@ -26,7 +26,6 @@ Writes bench/results/e2e.md and bench/results/e2e.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ from common import (
     run_label,
     run_mark,
     run_notes,
+    write_results,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -276,17 +276,10 @@ def main(argv=None):
                  f"run below; other jobs (tests, other benchmarks) shared the 2-core machine during the 2026-12-03 "
                  f"runs, so their s/step, RSS and wall times are noisy and not comparable with run [a]'s (1 thread: 2 "
                  f"threads on a contended machine were slower still). Runs: " + run_notes(runs))
-        missing = [n for n in CONFIGS if n not in {r["config"] for r in merged}]
-        if missing:
-            notes += f" Defined in the script but not measured: {', '.join(missing)}."
-        if failed:
-            notes += f" Failed in run [{run_mark(runs, label)}] (feature not available yet): {', '.join(failed)}."
-        print("\n" + md + "\n\n" + notes)
+        write_results(dest, "e2e", "E2E NLG: LoRA vs full fine-tuning vs PEFT (bench/e2e.py)", md, notes, merged, runs,
+                      CONFIGS, label, failed)
         for r in results:
             print(f"\n{r['config']}:" + "".join(f"\n  {p}\n   -> {h}" for p, h in r["samples"]))
-        (dest / "e2e.md").write_text(f"# E2E NLG: LoRA vs full fine-tuning vs PEFT (bench/e2e.py)\n\n{md}\n\n{notes}\n")
-        (dest / "e2e.json").write_text(json.dumps({"runs": runs, "results": merged}, indent=2) + "\n")
-        print(f"\nwrote {dest / 'e2e.md'} and {dest / 'e2e.json'}")
 
     if args.render:
         save()

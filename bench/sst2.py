@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import shutil
 import tempfile
@@ -39,6 +38,7 @@ from common import (
     run_label,
     run_mark,
     run_notes,
+    write_results,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -301,15 +301,8 @@ def main(argv=None):
                  f"shared the 2-core machine during the 2026-12-03 runs, so their s/step, RSS and wall times are noisy "
                  f"and not comparable with run [a]'s (up to 5 x slower; the later rows use 1 thread because 2 "
                  f"threads on a contended machine were slower still). Runs: " + run_notes(runs))
-        missing = [n for n in CONFIGS if n not in {r["config"] for r in merged}]
-        if missing:
-            notes += f" Defined in the script but not measured: {', '.join(missing)}."
-        if failed:
-            notes += f" Failed in run [{run_mark(runs, label)}] (feature not available yet): {', '.join(failed)}."
-        print("\n" + md + "\n\n" + notes)
-        (out / "sst2.md").write_text(f"# LoRA vs full fine-tuning, SST-2 (bench/sst2.py)\n\n{md}\n\n{notes}\n")
-        (out / "sst2.json").write_text(json.dumps({"runs": runs, "results": merged}, indent=2) + "\n")
-        print(f"\nwrote {out / 'sst2.md'} and {out / 'sst2.json'}")
+        write_results(out, "sst2", "LoRA vs full fine-tuning, SST-2 (bench/sst2.py)", md, notes, merged, runs, CONFIGS,
+                      label, failed)
 
     if args.render:
         save()
