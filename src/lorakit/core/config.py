@@ -100,6 +100,11 @@ class LoraConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def moves_base(init) -> bool:
+    """Whether `init` (PiSSA, OLoRA) moves part of the base weight into the factors."""
+    return isinstance(init, str) and init.startswith(("pissa", "olora"))
+
+
 def scale(r: int, alpha: float, use_rslora: bool) -> float:
     """The LoRA scale s: alpha/r (the paper, PEFT), or alpha/sqrt(r) for rank-stabilised LoRA."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.core.config import moves_base
 from lorakit.core.errors import LoraError
 
 # What lorakit can adapt: "linear" (nn.Linear), "conv1d_t" (transformers' GPT-2 Conv1D, weight
@@ -155,7 +156,7 @@ class LoraLayer(nn.Module):
         self.lora_scale[name] = scale
         self.lora_dropout[name] = 0.0 if self.lora_kind == "embedding" else dropout
         self.lora_fast_dropout[name] = fast_dropout
-        if isinstance(init, str) and init.startswith(("pissa", "olora")):
+        if moves_base(init):
             self.lora_principal(name, init, scale)
         if dora:
             self.lora_dora_axis[name] = dora

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lorakit.core.components import accepts_pipeline, as_module, is_pipeline_view
-from lorakit.core.config import LoraConfig, scale
+from lorakit.core.config import LoraConfig, moves_base, scale
 from lorakit.core.errors import LoraError
 from lorakit.core.guard import GUARDS, Part
 from lorakit.core.guard import guard as guarded
@@ -132,7 +132,7 @@ def add_adapter(model: nn.Module, name: str, ranks: dict[str, tuple[int, float]]
         if too := [p for p, (r, _) in ranks.items() if r > modules[p].lora_hot_A.shape[0]]:
             raise LoraError(f"adapter {name!r} has rank {ranks[too[0]][0]} at {too[0]!r}, more than the "
                             f"{modules[too[0]].lora_hot_A.shape[0]} prepare_hotswap made room for")
-    if isinstance(config.init, str) and config.init.startswith(("pissa", "olora")):  # before any weight changes
+    if moves_base(config.init):  # checked before any weight changes
         for path in ranks:
             w = modules[path].weight
             if kind_of(modules[path]) not in ("linear", "conv1d_t") or is_quantized(w):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lorakit.core.components import component_of, is_pipeline_view, split_component
-from lorakit.core.config import LoraConfig
+from lorakit.core.config import LoraConfig, moves_base
 from lorakit.core.errors import LoraError, warn
 from lorakit.core.layers import LoraLayer, SavedModule, factor_shapes, is_hot, kind_of
 from lorakit.core.model import adapter_biases, adapter_infos, add_adapter, check_name, lora_modules
@@ -234,7 +234,7 @@ def apply(model: nn.Module, adapter: Adapter, name: str, source: str = "adapter"
                         f"({next(p for p, ml in modules.items() if ml.magnitude is None)!r}); the file is incomplete")
     if adapter.config is not None:  # (the factors are loaded, so no init that changes the base runs again)
         cfg = dataclasses.replace(adapter.config, use_rslora=adapter.use_rslora, use_dora=bool(dora),
-                                  init=adapter.config.init if adapter.config.init in (True, False, "gaussian") else True)
+                                  init=True if moves_base(adapter.config.init) else adapter.config.init)
     else:
         r, alpha = adapter.common() if adapter.modules else (8, 8)
         cfg = LoraConfig(r=r, alpha=alpha, targets=[paths[p] for p in [*adapter.modules, *adapter.saved]],
