@@ -15,14 +15,17 @@ from lorakit.formats.io import FORMATS, atomic_write, convert, read, write
 
 
 def inspect(path: str, allow_pickle: bool = False) -> str:
-    """A report of an adapter file or folder: format, base model, modules, ranks, alphas, size."""
-    a, fmt = read(path, allow_pickle=allow_pickle)
-    p = Path(path)
+    """A report of an adapter file or folder (local or by hub id): format, base model, modules, ranks, alphas, size."""
+    from lorakit import hub
+
+    p = hub.fetch(path)
+    a, fmt = read(p, allow_pickle=allow_pickle)
+    a.base_model = a.base_model or hub.card_base_model(path, p)
     size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
     ranks = sorted({m.r for m in a.modules.values()})
     alphas = sorted({m.alpha for m in a.modules.values()})
     lines = [
-        f"file:        {path}",
+        f"file:        {path}" + (f" ({p})" if str(p) != path else ""),
         f"format:      {fmt}",
         f"base model:  {a.base_model or '(not recorded)'}",
         f"modules:     {len(a.modules)} LoRA" + (f" + {len(a.saved)} saved in full" if a.saved else ""),
@@ -99,6 +102,7 @@ def run_generate(args):
 def run_serve(args):
     import re
 
+    from lorakit import hub
     from lorakit.formats.io import base_model
     from lorakit.llm.server import serve
 
@@ -116,8 +120,9 @@ def run_serve(args):
             if f.suffix == ".safetensors" or (f / "adapter_config.json").is_file():
                 paths.setdefault(re.sub(r"[^A-Za-z0-9_\-]", "_", f.stem), str(f))
     for name, path in paths.items():
-        if not Path(path).exists():
+        if hub.parse(path) is None and not Path(path).exists():
             raise LoraError(f"--adapter {name}={path}: no such file or folder")
+        hub.fetch(path)  # a hub adapter is fetched (or found missing) before the model loads
     serve(base_model(args.model, list(paths.values())), paths, args.host, args.port, args.max_batch, args.max_queue,
           args.allow_runtime_loading, pick_device(args.device), args.allow_pickle)
 

@@ -17,11 +17,20 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lorakit import hub
 from lorakit.core.components import as_module, component_of, is_pipeline_view
 from lorakit.core.errors import LoraError, warn
 from lorakit.core.model import active, adapter_infos, adapters
 from lorakit.formats import adapter as canonical
-from lorakit.formats import cloneofsimo, diffusers, kohya, loralib, lycoris, native, peft
+from lorakit.formats import (
+    cloneofsimo,
+    diffusers,
+    kohya,
+    loralib,
+    lycoris,
+    native,
+    peft,
+)
 from lorakit.formats.embeddings import add_tokens, check_embeddings
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -204,8 +213,14 @@ def _read_tensors(path: Path, allow_pickle: bool) -> tuple[dict, dict]:
 
 def read(path, allow_pickle: bool = False, alpha: float | None = None) -> tuple[canonical.Adapter, str]:
     """(adapter in canonical form, format name) for a lorakit file, PEFT folder, diffusers, kohya/A1111,
-    LyCORIS or cloneofsimo file, or loralib state dict. Whatever is wrong with the file raises LoraError."""
-    path = Path(path)
+    LyCORIS or cloneofsimo file, or loralib state dict, local or by hub id (`owner/name[@REV][:FILE]`, lorakit.hub).
+    Whatever is wrong with the file raises LoraError. A base model the file does not record is taken from the
+    model card (README.md) beside it or in its hub repo."""
+    return _read_checked(path, hub.fetch(path), allow_pickle, alpha)
+
+
+def _read_checked(spec, path: Path, allow_pickle: bool, alpha: float | None) -> tuple[canonical.Adapter, str]:
+    """read() of the local file or folder `path` that `spec` (a path or hub id) was fetched as."""
     try:
         a, fmt = _read(path, allow_pickle, alpha)
     except (IndexError, KeyError, TypeError, AttributeError, ValueError, RuntimeError, ZeroDivisionError, re.error) as e:
@@ -221,6 +236,7 @@ def read(path, allow_pickle: bool = False, alpha: float | None = None) -> tuple[
         if not t.is_floating_point() or (t.dim() < 2 and what.startswith("module")):
             raise LoraError(f"{path}: {what} is a {t.dtype} tensor of shape {list(t.shape)}; LoRA factors are "
                             "floating-point matrices. The file is damaged or not a LoRA adapter")
+    a.base_model = a.base_model or hub.card_base_model(spec, path)
     return a, fmt
 
 
@@ -270,10 +286,10 @@ def load(model: nn.Module, path, name: str | None = None, allow_pickle: bool = F
     and leaves the model as it was. alpha= sets alpha for formats that do not record it (loralib);
     component= picks the part of a pipeline-wide file ("unet", "text_encoder", ...) for a lone component.
     """
-    path, target, model = Path(path), model, as_module(model)
-    a, fmt = read(path, allow_pickle, alpha)
+    spec, path, target, model = str(path), hub.fetch(path), model, as_module(model)
+    a, fmt = _read_checked(spec, path, allow_pickle, alpha)
     if fmt == "cloneofsimo":  # its modules are numbered in the model's traversal order
-        a = cloneofsimo.bind(a, model, str(path), component)
+        a = cloneofsimo.bind(a, model, spec, component)
     tokenizer, encoder = getattr(target, "tokenizer", None), getattr(target, "text_encoder", None)
     if a.embeddings and tokenizer is not None and encoder is not None:
         check_embeddings(encoder, a.embeddings, str(path), tokenizer)  # before anything changes
@@ -281,9 +297,7 @@ def load(model: nn.Module, path, name: str | None = None, allow_pickle: bool = F
         warn(f"{path} also holds learned token embeddings {sorted(a.embeddings)}, which need the tokenizer; "
              "load the file onto the pipeline to get them")
     if name is None:
-        stem = path.name if path.is_dir() else path.stem
-        stem = path.parent.name if stem == "adapter_model" else stem
-        name = re.sub(r"[^A-Za-z0-9_\-]", "_", stem) or "adapter"
+        name = re.sub(r"[^A-Za-z0-9_\-]", "_", hub.name_of(spec)) or "adapter"
         name = name if re.match(r"[A-Za-z_]", name) else f"a_{name}"
         taken, base = set(adapter_infos(model)), name
         i = 2
@@ -291,7 +305,7 @@ def load(model: nn.Module, path, name: str | None = None, allow_pickle: bool = F
             name, i = f"{base}_{i}", i + 1
     owner = None  # a file of token embeddings alone adds no adapter, and its tokens stay
     if a.modules or a.saved or not a.embeddings:
-        name = owner = canonical.apply(model, a, name, source=str(path), component=component)
+        name = owner = canonical.apply(model, a, name, source=spec, component=component)
     if a.embeddings and tokenizer is not None and encoder is not None:
         add_tokens(tokenizer, encoder, a.embeddings, str(path), owner)  # delete(name) removes them
     return name

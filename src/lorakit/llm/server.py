@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lorakit import hub
 from lorakit.core.errors import LoraError
 from lorakit.core.model import adapters as adapter_names
 from lorakit.core.model import delete, set_weights
@@ -265,7 +266,7 @@ def create_app(engine: engine_mod.Engine, model_name: str, paths: dict[str, str]
         if body.lora_name in (model_name, "base") or body.lora_name in paths:
             raise ApiError(400, f"lora_name: {body.lora_name!r} is taken; unload it first or pick another name",
                            "adapter_exists", "lora_name")
-        if not Path(body.lora_path).exists():
+        if hub.parse(body.lora_path) is None and not Path(body.lora_path).exists():
             raise ApiError(400, f"lora_path: {body.lora_path}: no such file or folder", "invalid_value", "lora_path")
 
         def do():

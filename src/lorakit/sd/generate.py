@@ -14,6 +14,7 @@ from lorakit.core.guard import route
 from lorakit.core.model import delete, lora_modules, merge, set_weights
 from lorakit.formats.embeddings import keep_tokens
 from lorakit.formats.io import base_model, load, parse_adapter
+from lorakit.hub import name_of
 from lorakit.sd.pipeline import load_pipeline as load_base
 
 TAG = re.compile(r"<lora:([^<>]*)>")
@@ -63,11 +64,11 @@ def load_pipeline(model: str | None, loras: list[str], prompt: str, lora_dir: st
     specs = [(path, w, w) for path, w in map(parse_adapter, loras)]
     specs += [(str(find_lora(name, lora_dir)), te, un) for name, te, un in tags]
     if triggers:
-        stems = {Path(p).stem for p, _, _ in specs}
+        stems = {name_of(p) for p, _, _ in specs}
         if unknown := sorted(set(triggers) - stems):
             raise LoraError(f"--trigger names {unknown[0]!r}, which is none of the LoRAs given ({sorted(stems)})")
-        on = route(prompt, {Path(p).stem: 1.0 for p, _, _ in specs}, triggers)
-        specs = [s for s in specs if Path(s[0]).stem in on]
+        on = route(prompt, {name_of(p): 1.0 for p, _, _ in specs}, triggers)
+        specs = [s for s in specs if name_of(s[0]) in on]
     pipe = load_base(base_model(model, [path for path, _, _ in specs]), device)
     weights = {}
     for k, (path, te, un) in enumerate(specs):
