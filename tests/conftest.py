@@ -1,9 +1,11 @@
 """Shared test fixtures: tiny models saved as ordinary transformers folders (no downloads)."""
 
 import contextlib
+import hashlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,6 +63,23 @@ def sd_workspace(pipe, tmp_path, height: int = 12, width: int = 10):
         rows.append({"file_name": f"{i}.png", "text": f"a photo of {'ab'[i % 2]} dog"})
     (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return tmp_path
+
+
+def cache_repo(cache: Path, repo: str, files: dict, commit: str = "a" * 40, refs=("main",), kind: str = "models"):
+    """A Hugging Face cache entry as huggingface_hub writes it (blobs, snapshots/<commit>/ links, refs/<name>):
+    put `files` {path in repo: local file or folder, or text} into `cache` as repo `repo` at `commit`."""
+    root = cache / f"{kind}--{repo.replace('/', '--')}"
+    for name, src in files.items():
+        data = src.encode() if isinstance(src, str) else Path(src).read_bytes()
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = root / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    for ref in refs:
+        (root / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+        (root / "refs" / ref).write_text(commit)
 
 
 @pytest.fixture

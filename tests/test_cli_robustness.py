@@ -202,6 +202,10 @@ AS_PROCESS = [
     ("merge-into --model nobody/no-such-model --adapter {d}/m.safetensors --out {d}/merged",
      "'nobody/no-such-model'"),
     ("inspect {d}/corrupt.safetensors", "corrupt.safetensors: not a readable safetensors file"),
+    ("generate --adapter nobody/no-such-lora --prompt hi", "nobody/no-such-lora: not in the Hugging Face cache"),
+    ("serve --adapter x=nobody/no-such-lora@v2", "nobody/no-such-lora@v2: not in the Hugging Face cache"),
+    ("combine {d}/m.safetensors nobody/lora:style.safetensors:0.5 --out {d}/c.safetensors",
+     "nobody/lora:style.safetensors: not in the Hugging Face cache"),
 ]
 BAD_INVOCATIONS = len(IN_PROCESS) + len(AS_PROCESS)  # the count the README gives
 

@@ -1,16 +1,14 @@
 """Adapters by hub id (`owner/name[@REV][:FILE]`), with no network: repos laid out in a Hugging Face cache as
 huggingface_hub lays them out (blobs, snapshots/<commit>/ links, refs/<revision>), read with HF_HUB_OFFLINE."""
 
-import hashlib
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
 import torch
+from conftest import cache_repo
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -21,23 +19,7 @@ from lorakit.core.errors import LoraError
 from lorakit.formats.io import base_model, parse_adapter
 from lorakit.hub import Ref, name_of, parse
 
-COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
-
-
-def cache_repo(cache: Path, repo: str, files: dict, commit: str = COMMIT_A, refs=("main",), kind: str = "models"):
-    """Put `files` {path in repo: local file or folder, or text} into `cache` as repo `repo` at `commit`."""
-    root = cache / f"{kind}--{repo.replace('/', '--')}"
-    for name, src in files.items():
-        data = src.encode() if isinstance(src, str) else Path(src).read_bytes()
-        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = root / "snapshots" / commit / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    for ref in refs:
-        (root / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
-        (root / "refs" / ref).write_text(commit)
+COMMIT_A, COMMIT_B = "a" * 40, "b" * 40  # two commits of one repo
 
 
 @pytest.fixture

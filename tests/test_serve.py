@@ -3,6 +3,7 @@ against real server processes on loopback ports: outputs equal `lorakit generate
 equal their single-request results, streams equal non-streams, runtime load/unload, every error answered."""
 
 import json
+import os
 import socket
 import subprocess
 import urllib.error
@@ -15,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import torch
+from conftest import cache_repo
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -66,9 +68,10 @@ def http(url: str, body=None) -> tuple[int, str]:
 class Server:
     """`lorakit serve ...` in its own process on a free loopback port."""
 
-    def __init__(self, *args):
+    def __init__(self, *args, env=None):
         self.proc = subprocess.Popen([sys.executable, "-m", "lorakit.cli", "serve", "--port", "0", "--device", "cpu",
-                                      *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                      *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, **(env or {})})
         deadline, self.log = time.time() + 120, []
         while time.time() < deadline:
             line = self.proc.stdout.readline()
@@ -100,13 +103,15 @@ def work(tmp_path_factory):
     files = save_adapters(model, d, {"a": "all-linear", "b": ["q_proj", "v_proj"], "c": ["o_proj", "up_proj"]})
     save_adapters(save_model(d / "other", hidden=16), d / "other", {"small": "all-linear"})
     (d / "notes.txt").write_text("not an adapter")
+    cache_repo(d / "hf-cache", "user/c", {"adapter.safetensors": files["c"]})  # the hub, as its offline cache
     return {"dir": d, "model": model, **files}
 
 
 @pytest.fixture(scope="module")
 def server(work):
     s = Server("--model", work["model"], "--adapter", f"a={work['a']}", "--adapter", f"b={work['b']}",
-               "--allow-runtime-loading", "--max-batch", "8")
+               "--allow-runtime-loading", "--max-batch", "8",
+               env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(work["dir"] / "hf-cache")})
     yield s
     s.close()
 
@@ -217,10 +222,19 @@ def test_runtime_load_and_unload(server, work, capsys):
     assert complete(c, "a", PROMPTS[3]).strip() == generate(capsys, work, PROMPTS[3], [str(work["a"])])
 
 
+def test_runtime_load_by_hub_id(server, work, capsys):
+    c, base = server.client, server.url.removesuffix("/v1")
+    status, text = http(f"{base}/v1/load_lora_adapter", {"lora_name": "hub_c", "lora_path": "user/c"})
+    assert status == 200 and "added" in text
+    assert complete(c, "hub_c", PROMPTS[3]).strip() == generate(capsys, work, PROMPTS[3], [str(work["c"])])
+    assert http(f"{base}/v1/unload_lora_adapter", {"lora_name": "hub_c"})[0] == 200
+
+
 @pytest.mark.parametrize("body,status,words", [
     ({"lora_name": "x", "lora_path": "{d}/other/small.safetensors"}, 400, "made for base model"),
     ({"lora_name": "x", "lora_path": "{d}/notes.txt"}, 400, "lora_path"),
     ({"lora_name": "x", "lora_path": "{d}/missing.safetensors"}, 400, "no such file"),
+    ({"lora_name": "x", "lora_path": "nobody/missing"}, 400, "nobody/missing: not in the Hugging Face cache"),
     ({"lora_name": "a", "lora_path": "{d}/c.safetensors"}, 400, "taken"),
     ({"lora_name": "x"}, 400, "lora_path"),
 ])
