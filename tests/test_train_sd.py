@@ -42,7 +42,8 @@ def test_text2image_trains_only_lora_and_writes_adapter_curve_grid_and_card(sd_s
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert Image.open(run / "samples" / "step-000003.png").size == (16, 8)  # 1 prompt x 2 images of 8 px
     front = yaml.safe_load((run / "README.md").read_text().split("---")[1])
-    assert front["base_model"] == str(sd_setup / "pipe") and front["mode"] == "text2image"
+    assert "base_model" not in front and front["mode"] == "text2image"  # a local folder is no hub id
+    assert front["widget"] == [{"text": "a dog", "output": {"url": "samples/step-000003.png"}}]
     a, _ = lorakit.read(run / "adapter.safetensors")
     assert len(a.modules) == 4 * 2 * 6 and all(p.startswith("unet.") for p in a.modules)  # q,k,v,out x attn1,2 x 6 blocks
     assert any(m.B.abs().sum() > 0 for m in a.modules.values())

@@ -307,9 +307,100 @@ def plot_loss(history: list[dict], path: Path):
 
 
 def write_card(out: Path, front: dict, body: str, settings: dict):
-    """RUN/README.md: YAML front matter (the hub's model card metadata), a description, the run's settings."""
+    """RUN/README.md, a model card in the hub's conventions written by huggingface_hub: `front` (ModelCardData
+    fields, see card_front), the description `body`, the loss curve and the settings, local paths by name only."""
     import yaml
+    from huggingface_hub import ModelCard, ModelCardData
 
-    text = (f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n# {out.name}\n\n{body}\n\nTraining settings:\n\n"
-            f"```yaml\n{yaml.safe_dump(settings, sort_keys=False)}```\n")
-    atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text(text))
+    data = ModelCardData(model_name=out.name, **front)
+    text = (f"---\n{data.to_yaml()}\n---\n\n# {out.name}\n\n{body}\n\n![loss curve](loss.png)\n\n"
+            f"## Training settings\n\n```yaml\n{yaml.safe_dump(public_settings(settings), sort_keys=False)}```\n")
+    atomic_write(out / "README.md", lambda tmp: ModelCard(text).save(tmp))
+
+
+PATH_KEYS = ("model", "data", "eval_data", "class_data", "out")  # the settings that may hold local paths
+METRICS = {"eval_loss": "loss", "eval_ppl": "perplexity", "eval_accuracy": "accuracy", "eval_bleu": "bleu"}
+
+
+def is_local(spec) -> bool:
+    """Whether `spec` is a local path (absolute, or there) rather than a hub id: its path means nothing elsewhere."""
+    return isinstance(spec, str) and bool(spec) and (os.path.isabs(os.path.expanduser(spec)) or
+                                                     Path(spec).expanduser().exists())
+
+
+def hub_model_id(spec) -> str | None:
+    """`spec` if it can name a model on the hub ("user/name"), else None (a local folder or file, nothing)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not isinstance(spec, str) or not spec or is_local(spec):
+        return None
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        return None
+    return spec
+
+
+def public_name(spec: str) -> str:
+    """What a card may say of a model or data `spec`: its hub id, or a local path's last name."""
+    return Path(spec).name if is_local(spec) else spec
+
+
+def public_settings(settings: dict) -> dict:
+    """The run's settings as a card shows them: local paths (model, data, out, ...) by their names only."""
+    return {k: public_name(v) if k in PATH_KEYS and isinstance(v, str) else v for k, v in settings.items()}
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def describe_data(spec: str | None) -> dict | None:
+    """Data as a card records it, never by its local path: a file by name, size in bytes and SHA-256; a folder (an
+    image set) by name, file count, total size and the SHA-256 of its `sha256sum`-style listing (sorted relative
+    paths); anything else (a hub dataset "user/ds[:split]") by its id."""
+    import hashlib
+
+    if not spec:
+        return None
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return {"name": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file())
+        listing = "".join(f"{sha256_file(f)}  {f.relative_to(path).as_posix()}\n" for f in files)
+        return {"name": path.name, "files": len(files), "bytes": sum(f.stat().st_size for f in files),
+                "sha256": hashlib.sha256(listing.encode()).hexdigest()}
+    return {"dataset": spec}
+
+
+def card_front(base: str, data: str, eval_data: str | None, pipeline_tag: str, tags: list[str], result: dict,
+               relation: str = "adapter") -> dict:
+    """The ModelCardData fields both trainers' cards share: the base model's hub id (none for a local folder), the
+    pipeline tag, tags, the data by name/size/SHA-256 (or hub dataset id), and the eval metrics as model-index
+    results."""
+    from huggingface_hub import EvalResult
+
+    base_id, evals = hub_model_id(base), describe_data(eval_data) or {}
+    datasets = [d.split(":")[0] for d in (data, eval_data) if d and not is_local(d)]
+    where = evals.get("dataset", evals.get("name", ""))
+    results = [EvalResult(task_type=pipeline_tag, dataset_type=where.split(":")[0], dataset_name=where,
+                          metric_type=name, metric_value=result[k]) for k, name in METRICS.items() if k in result]
+    front = {"base_model": base_id, "base_model_relation": relation if base_id else None, "library_name": "lorakit",
+             "pipeline_tag": pipeline_tag, "tags": tags, "datasets": list(dict.fromkeys(datasets)) or None,
+             "training_data": describe_data(data), "eval_data": evals or None,
+             "metrics": [r.metric_type for r in results] or None, "eval_results": results or None}
+    return {k: v for k, v in front.items() if v is not None}
+
+
+def results_table(result: dict) -> str:
+    """A markdown table of the run's final and eval metrics ("" when there are none)."""
+    rows = [(k, v) for k, v in result.items() if k.startswith(("eval_", "final_")) and isinstance(v, (int, float))]
+    return "" if not rows else "| metric | value |\n|---|---|\n" + "".join(f"| {k} | {v:.6g} |\n" for k, v in rows)

@@ -269,14 +269,17 @@ class Trainer:
         return result
 
     def card(self, result: dict) -> tuple[dict, str, dict]:
+        """The run's model card (runner.write_card): hub metadata (base model id, text-generation or
+        text-classification, eval results), the data by name/size/SHA-256, never a local path."""
         cfg, full = self.cfg, self.cfg.full_finetune
-        front = {"base_model": self.base, "library_name": "lorakit", "task": cfg.task,
-                 "r": None if full else cfg.lora.r, "alpha": None if full else cfg.lora.alpha,
-                 "targets": "all weights" if full else cfg.lora.targets, "data": cfg.data,
-                 "steps": result["steps"], "trainable_params": result["trainable_params"],
-                 "metrics": {k: v for k, v in result.items() if k.startswith(("eval_", "final_"))}}
-        if self.labels:
-            front["labels"] = list(self.labels)
-        body = (f"A {'full fine-tune' if full else 'LoRA adapter'} of `{self.base}` trained with lorakit on "
-                f"`{cfg.data}` for {result['steps']} steps.")
-        return front, body, asdict(cfg)
+        pipeline_tag = {"causal-lm": "text-generation", "classify": "text-classification"}[cfg.task]
+        tags = ["lorakit", pipeline_tag] if full else ["lora", "lorakit", pipeline_tag]
+        front = {**runner.card_front(self.base, cfg.data, cfg.eval_data, pipeline_tag, tags, result,
+                                     relation="finetune" if full else "adapter"),
+                 "task": cfg.task, "r": None if full else cfg.lora.r, "alpha": None if full else cfg.lora.alpha,
+                 "targets": "all weights" if full else cfg.lora.targets, "steps": result["steps"],
+                 "trainable_params": result["trainable_params"], "labels": list(self.labels or []) or None}
+        body = (f"A {'full fine-tune' if full else 'LoRA adapter'} of `{runner.public_name(self.base)}` trained with "
+                f"lorakit on `{runner.public_name(cfg.data)}` for {result['steps']} steps.\n\n"
+                + runner.results_table(result))
+        return {k: v for k, v in front.items() if v is not None}, body.strip(), asdict(cfg)

@@ -347,17 +347,26 @@ class Trainer:
         return result
 
     def card(self, result: dict) -> tuple[dict, str, dict]:
+        """The run's model card (runner.write_card) in the hub's conventions for SD LoRAs: text-to-image tags, the
+        instance prompt, a widget showing the last sample grid; the images by name/size/SHA-256, never a path."""
         cfg, full = self.cfg, self.cfg.full_finetune
-        front = {"base_model": cfg.model, "library_name": "lorakit", "tags": ["stable-diffusion", "lora", cfg.mode],
-                 "mode": cfg.mode, "r": None if full else cfg.lora.r, "alpha": None if full else cfg.lora.alpha,
-                 "targets": cfg.lora.targets, "text_encoder": cfg.text_encoder, "instance_prompt": cfg.instance_prompt,
-                 "steps": result["steps"], "trainable_params": result["trainable_params"],
-                 "final_loss": result["final_loss"]}
-        if cfg.mode == "pivotal":
-            front["placeholder_tokens"] = cfg.placeholder_tokens
-        body = (f"A {'full fine-tune' if full else 'LoRA adapter'} of `{cfg.model}` ({cfg.mode}) trained with lorakit "
-                f"on `{cfg.data}` for {result['steps']} steps.")
-        return front, body, asdict(cfg)
+        tags = ["lora", "lorakit", "stable-diffusion", *(["stable-diffusion-xl"] if is_sdxl(self.pipe) else []),
+                "text-to-image", "template:sd-lora", cfg.mode]
+        grid = f"samples/step-{self.total:06d}.png"
+        widget = [{"text": "; ".join(cfg.validation_prompts), "output": {"url": grid}}] \
+            if cfg.validation_prompts and (self.out / grid).exists() else None
+        front = {**runner.card_front(cfg.model, cfg.data, None, "text-to-image", tags, result,
+                                     relation="finetune" if full else "adapter"),
+                 "instance_prompt": cfg.instance_prompt, "widget": widget, "mode": cfg.mode,
+                 "r": None if full else cfg.lora.r, "alpha": None if full else cfg.lora.alpha,
+                 "targets": cfg.lora.targets, "text_encoder": cfg.text_encoder, "steps": result["steps"],
+                 "trainable_params": result["trainable_params"], "final_loss": result["final_loss"],
+                 "placeholder_tokens": cfg.placeholder_tokens if cfg.mode == "pivotal" else None}
+        body = (f"A {'full fine-tune' if full else 'LoRA adapter'} of `{runner.public_name(cfg.model)}` ({cfg.mode}) "
+                f"trained with lorakit on `{runner.public_name(cfg.data)}` for {result['steps']} steps."
+                + (f" Trigger it with the prompt `{cfg.instance_prompt}`." if cfg.instance_prompt else "")
+                + "\n\n" + runner.results_table(result))
+        return {k: v for k, v in front.items() if v is not None}, body.strip(), asdict(cfg)
 
 
 def set_phase(step: int, ti_steps: int, cfg: SDTrainConfig, lora_params, embedding):
