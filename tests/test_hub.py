@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM
 import lorakit
 from lorakit.cli import main
 from lorakit.core.errors import LoraError
+from lorakit.formats.hub import Ref, name_of, parse
 from lorakit.formats.io import base_model, parse_adapter
-from lorakit.hub import Ref, name_of, parse
 
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40  # two commits of one repo
 

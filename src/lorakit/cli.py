@@ -16,7 +16,7 @@ from lorakit.formats.io import FORMATS, atomic_write, convert, read, write
 
 def inspect(path: str, allow_pickle: bool = False) -> str:
     """A report of an adapter file or folder (local or by hub id): format, base model, modules, ranks, alphas, size."""
-    from lorakit import hub
+    from lorakit.formats import hub
 
     p = hub.fetch(path)
     a, fmt = read(p, allow_pickle=allow_pickle)
@@ -102,7 +102,7 @@ def run_generate(args):
 def run_serve(args):
     import re
 
-    from lorakit import hub
+    from lorakit.formats import hub
     from lorakit.formats.io import base_model
     from lorakit.llm.server import serve
 

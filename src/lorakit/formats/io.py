@@ -17,7 +17,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lorakit import hub
 from lorakit.core.components import as_module, component_of, is_pipeline_view
 from lorakit.core.errors import LoraError, warn
 from lorakit.core.model import active, adapter_infos, adapters
@@ -25,6 +24,7 @@ from lorakit.formats import adapter as canonical
 from lorakit.formats import (
     cloneofsimo,
     diffusers,
+    hub,
     kohya,
     loralib,
     lycoris,
@@ -213,7 +213,7 @@ def _read_tensors(path: Path, allow_pickle: bool) -> tuple[dict, dict]:
 
 def read(path, allow_pickle: bool = False, alpha: float | None = None) -> tuple[canonical.Adapter, str]:
     """(adapter in canonical form, format name) for a lorakit file, PEFT folder, diffusers, kohya/A1111,
-    LyCORIS or cloneofsimo file, or loralib state dict, local or by hub id (`owner/name[@REV][:FILE]`, lorakit.hub).
+    LyCORIS or cloneofsimo file, or loralib state dict, local or by hub id (`owner/name[@REV][:FILE]`, formats/hub.py).
     Whatever is wrong with the file raises LoraError. A base model the file does not record is taken from the
     model card (README.md) beside it or in its hub repo."""
     return _read_checked(path, hub.fetch(path), allow_pickle, alpha)

@@ -14,10 +14,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lorakit import hub
 from lorakit.core.errors import LoraError
 from lorakit.core.model import adapters as adapter_names
 from lorakit.core.model import delete, set_weights
+from lorakit.formats import hub
 from lorakit.formats.io import load
 from lorakit.llm import engine as engine_mod
 

@@ -13,8 +13,8 @@ from lorakit.core.errors import LoraError
 from lorakit.core.guard import route
 from lorakit.core.model import delete, lora_modules, merge, set_weights
 from lorakit.formats.embeddings import keep_tokens
+from lorakit.formats.hub import name_of
 from lorakit.formats.io import base_model, load, parse_adapter
-from lorakit.hub import name_of
 from lorakit.sd.pipeline import load_pipeline as load_base
 
 TAG = re.compile(r"<lora:([^<>]*)>")
