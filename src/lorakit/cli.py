@@ -318,6 +318,19 @@ def main(argv: list[str] | None = None) -> int:
                     "pipeline folder or digits): ‖UᵀWVᵀ‖_F and the amplification factor")
     an.add_argument("--out", required=True, help="folder for analysis.json and the plots")
     an.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt files (weights only)")
+    pu = sub.add_parser("push", help="upload a training run's adapter to the Hugging Face hub (exports in PEFT/"
+                        "diffusers/kohya format, model card, loss curve, samples; never checkpoints or local paths)")
+    pu.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a lorakit train or train-sd run")
+    pu.add_argument("--repo", required=True, metavar="OWNER/NAME", help="the hub repo (created if missing)")
+    pu.add_argument("--private", action="store_true", help="create the repo private")
+    pu.add_argument("--format", action="append", metavar="FMT[,FMT]", help=f"formats to upload, from {FORMATS} "
+                    "(repeat or comma-separate; default: lorakit,peft for an LLM run, lorakit,diffusers for SD)")
+    pu.add_argument("--dry-run", nargs="?", const="", metavar="DIR", help="write the repo's files to DIR (default "
+                    "RUN_DIR/hub-upload) and upload nothing")
+    pu.add_argument("--revision", "--branch", metavar="BRANCH", help="push to this branch (created if missing)")
+    pu.add_argument("--token", help="a hub token (default: the one `hf auth login` saved, or HF_TOKEN)")
+    pu.add_argument("--base-model", metavar="OWNER/NAME", help="the base model's hub id, when the run used a "
+                    "local copy of it")
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # a usage error (already reported in one line) or --help
@@ -346,6 +359,10 @@ def main(argv: list[str] | None = None) -> int:
             run_serve(args)
         elif args.command == "analyze":
             run_analyze(args)
+        elif args.command == "push":
+            from lorakit.push import cli as run_push
+
+            run_push(args)
         elif args.command == "combine":
             run_combine(args)
         elif args.command == "resize":
