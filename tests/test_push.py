@@ -246,3 +246,16 @@ def test_upload_creates_the_repo_and_uploads_the_staged_folder_once(llm_run, mon
     assert main(["push", str(tmp / "run"), "--repo", "me/tiny-lm", "--token", "hf_x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lorakit: error: me/tiny-lm: the hub answered HTTP 403") and err.count("\n") == 1
+
+
+def test_cards_record_hub_ids_as_ids_and_local_paths_by_name(tmp_path):
+    from lorakit import runner
+
+    front = runner.card_front("org/base", "user/ds:train", None, "text-generation", ["lora"], {})
+    assert (front["base_model"], front["base_model_relation"]) == ("org/base", "adapter")
+    assert front["datasets"] == ["user/ds"] and front["training_data"] == {"dataset": "user/ds:train"}
+    (tmp_path / "m").mkdir()
+    front = runner.card_front(str(tmp_path / "m"), str(tmp_path / "m"), None, "text-generation", ["lora"], {})
+    assert "base_model" not in front and "datasets" not in front and front["training_data"]["files"] == 0
+    assert runner.public_settings({"model": str(tmp_path / "m"), "out": "/x/run", "lr": 1.0}) == \
+        {"model": "m", "out": "run", "lr": 1.0}
