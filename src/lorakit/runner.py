@@ -120,7 +120,7 @@ def step_indices(n: int, seed: int, step: int, per_step: int) -> list[int]:
 
 # --- run folder -------------------------------------------------------------------------------------------------
 HOLDS = ("run.json", "metrics.jsonl", "checkpoints", "adapter.safetensors", "adapter", "model", "pipeline")
-RUN_FILES = (*HOLDS, "loss.png", "README.md", "samples", "adapter-*")  # all a run writes, which --overwrite clears
+RUN_FILES = (*HOLDS, "loss.png", "README.md", "samples", "adapter-*", "hub-upload")  # all a run (and push --dry-run) writes; --overwrite clears them
 
 
 def settings(cfg, free: set, processes: int) -> dict:
