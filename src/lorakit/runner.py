@@ -120,7 +120,8 @@ def step_indices(n: int, seed: int, step: int, per_step: int) -> list[int]:
 
 # --- run folder -------------------------------------------------------------------------------------------------
 HOLDS = ("run.json", "metrics.jsonl", "checkpoints", "adapter.safetensors", "adapter", "model", "pipeline")
-RUN_FILES = (*HOLDS, "loss.png", "README.md", "samples", "adapter-*", "hub-upload")  # all a run (and push --dry-run) writes; --overwrite clears them
+# what a run (and push --dry-run) writes, which --overwrite clears
+RUN_FILES = (*HOLDS, "loss.png", "README.md", "samples", "adapter-*", "hub-upload")
 
 
 def settings(cfg, free: set, processes: int) -> dict:
