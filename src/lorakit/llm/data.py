@@ -1,5 +1,5 @@
-"""Training data for `lorakit train`: read examples from a file, tokenize them with the loss where it belongs, and
-pad them into batches.
+"""Training data for `lorakit train`: read examples from a file, a folder or the hub, tokenize them with the loss
+where it belongs, and pad them into batches.
 
 Files, by suffix: .jsonl (one JSON object a line), .csv / .tsv (a header row naming the fields) and .txt (E2E NLG
 lines, `meaning representation||reference`, read as prompt and completion). Every example in a file has one shape:
@@ -13,12 +13,24 @@ Other fields (`id`, `source`, ...; common in published data sets) are dropped wi
 with strict_fields. A bad line is a LoraError naming FILE:LINE, what is wrong and how to fix it, before any training
 starts (or, with skip_bad, it is skipped and counted): a run should neither die an hour in nor quietly learn from a
 broken file.
+
+Through the `datasets` library (pip install 'lorakit[hub]'), read_data also reads .parquet, .arrow and .json (JSON
+lines or an array) files, folders written by Dataset/DatasetDict.save_to_disk (`folder:split`) and hub dataset ids
+(`user/name` or `user/name:split`; the split defaults to train, or for eval data to validation, then test; offline,
+from the hub cache). A local path always wins over the hub-id reading. Such a data set is never made a Python list:
+Dataset.map checks and tokenizes it into a memory-mapped Dataset of token rows, cached in lorakit's cache dir; a bad
+row is "SPEC row N: ...". With streaming, a Stream reads it in order and tokenizes as it goes (see Stream).
+
+Field mapping (field_map, --text-field sentence, --prompt-field instruction, ...): a source's own column names are
+renamed to lorakit's before the shape is checked, for every source, files included.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import itertools
 import json
 import re
 import sys
@@ -32,6 +44,7 @@ IGNORE = -100  # the label that cross-entropy (and every transformers model) lea
 SHAPES = {("completion", "prompt"): "prompt/completion", ("messages",): "messages", ("text",): "text",
           ("label", "text"): "text/label"}
 FIELDS = {k for shape in SHAPES for k in shape}
+MAPPABLE = ("text", "prompt", "completion", "messages", "label")  # config fields text_field, ...: a source's names
 SHAPE_LIST = "{prompt, completion}, {messages}, {text} or {text, label}"
 SUFFIXES = {".jsonl": "jsonl", ".csv": ",", ".tsv": "\t", ".txt": "e2e"}
 
@@ -41,12 +54,14 @@ class _Bad(Exception):
 
 
 # --- reading --------------------------------------------------------------------------------------
-def read_examples(path, skip_bad: bool = False, strict_fields: bool = False) -> tuple[list[dict], int]:
+def read_examples(path, skip_bad: bool = False, strict_fields: bool = False,
+                  fields: dict[str, str] | None = None) -> tuple[list[dict], int]:
     """(examples, number of bad lines skipped) of a .jsonl, .csv, .tsv or E2E .txt file; see the module docstring.
 
     A bad line raises LoraError "FILE:LINE: problem; fix", or is skipped and counted with skip_bad. Examples of
     different shapes in one file, and a file without a valid example, are errors either way. Fields outside the
-    shapes are dropped with one notice on stderr, or are bad lines with strict_fields."""
+    shapes are dropped with one notice on stderr, or are bad lines with strict_fields. `fields` ({source name:
+    lorakit field}, see field_map) renames fields before all that."""
     path = Path(path)
     kind = SUFFIXES.get(path.suffix.lower())
     if kind is None:
@@ -58,14 +73,15 @@ def read_examples(path, skip_bad: bool = False, strict_fields: bool = False) -> 
         raise LoraError(f"{path}: no such file") from None
     except UnicodeDecodeError as e:
         raise LoraError(f"{path}: not UTF-8 text ({e}); re-save it as UTF-8") from None
+    fields = fields or {}
     records = _jsonl(text) if kind == "jsonl" else _e2e(text) if kind == "e2e" else \
-        _table(path, text, kind, strict_fields)
+        _table(path, text, kind, strict_fields, fields)
     examples, skipped, first, ignored = [], 0, None, set()
     for line, ex in records:
         try:
             if isinstance(ex, _Bad):
                 raise ex
-            ex = _known_fields(ex, strict_fields, ignored)
+            ex = _known_fields(_renamed(ex, fields) if kind in ("jsonl", "e2e") else ex, strict_fields, ignored)
             shape = _check_example(ex)
         except _Bad as e:
             if not skip_bad:
@@ -85,6 +101,34 @@ def read_examples(path, skip_bad: bool = False, strict_fields: bool = False) -> 
         print(f"{path}: ignoring fields {', '.join(sorted(k or repr(k) for k in ignored))} (--strict-fields refuses "
               "them)", file=sys.stderr)
     return examples, skipped
+
+
+def field_map(cfg) -> dict[str, str]:
+    """{source column: lorakit field} from a config's text_field, prompt_field, ... (--text-field sentence: the
+    column `sentence` is the example's text); fields left None keep their names."""
+    out = {}
+    for k in MAPPABLE:
+        source = getattr(cfg, f"{k}_field", None)
+        if source in out:
+            raise LoraError(f"--{out[source]}-field and --{k}-field both name the column {source!r}; map each "
+                            "lorakit field from its own column")
+        if source:
+            out[source] = k
+    return out
+
+
+def _renamed(ex: dict, fields: dict[str, str]) -> dict:
+    """`ex` with its fields renamed per `fields` (a mapped field replaces one of the lorakit name); _Bad names the
+    fields there are when a mapped one is missing."""
+    if not fields or not isinstance(ex, dict):
+        return ex
+    missing = [s for s in fields if s not in ex]
+    if missing:
+        has = ", ".join(map(repr, ex)) or "no fields"
+        raise _Bad(f"no field {missing[0]!r} (--{fields[missing[0]]}-field); it has {has}; fix the example or the "
+                   "--*-field setting")
+    out = {k: v for k, v in ex.items() if k not in fields.values() and k not in fields}
+    return {**out, **{t: ex[s] for s, t in fields.items()}}
 
 
 def _known_fields(ex: dict, strict: bool, ignored: set) -> dict:
@@ -128,15 +172,22 @@ def _e2e(text: str):
                            "'name : The Vaults | Type : pub||The Vaults is a pub.'"))
 
 
-def _table(path: Path, text: str, delimiter: str, strict: bool = False):
+def _table(path: Path, text: str, delimiter: str, strict: bool = False, fields: dict[str, str] | None = None):
     """(start line, row dict or _Bad) per data row of a CSV/TSV file; a label cell holding an integer becomes an int.
-    Columns outside the shapes stay in the rows (read_examples drops them); with strict they are refused here."""
+    Columns outside the shapes stay in the rows (read_examples drops them); with strict they are refused here.
+    `fields` renames header columns (see field_map)."""
     # TSV files (GLUE and most corpora) are unquoted: a '"' in them is text, not quoting
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
     header = [h.strip() for h in next(reader, [])]
     if not header:
         return
+    fields = fields or {}
+    if missing := [s for s in fields if s not in header]:
+        raise LoraError(f"{path}:1: no column {missing[0]!r} (--{fields[missing[0]]}-field); the header has "
+                        f"{header}; fix the header or the --*-field setting")
+    replaced = set(fields.values()) - set(fields)
+    header = [fields.get(h, "" if h in replaced else h) for h in header]  # "" is no field: dropped
     known = [h for h in header if h in FIELDS]
     if tuple(sorted(known)) not in SHAPES or known == ["messages"]:
         raise LoraError(f"{path}:1: the header {header} names no example shape; name the columns prompt,completion "
@@ -233,6 +284,18 @@ def tokenize_causal(examples: list[dict], tokenizer, max_length: int) -> tuple[l
     shape = _shape_of(examples)
     if shape == "text/label":
         raise LoraError("these are classification examples ({text, label}); use tokenize_classify")
+    pairs = _causal(examples, shape, tokenizer, max_length)
+    rows = [{"input_ids": ids, "labels": labels} for ids, labels in filter(None, pairs)]
+    dropped = len(pairs) - len(rows)
+    if not rows:
+        raise LoraError(f"all {dropped} examples lost every loss token to truncation at max_length={max_length}; "
+                        "raise max_length or shorten the prompts")
+    return rows, dropped
+
+
+def _causal(examples: list[dict], shape: str, tokenizer, max_length: int) -> list[tuple[list, list] | None]:
+    """(ids, labels) of each checked causal-LM example (see tokenize_causal), or None where truncation to
+    max_length left no loss token."""
     if max_length < 2:
         raise LoraError(f"max_length={max_length}: a causal LM needs at least 2 tokens to predict one")
     if shape == "messages":
@@ -248,17 +311,9 @@ def tokenize_causal(examples: list[dict], tokenizer, max_length: int) -> tuple[l
             prompts = tokenizer([ex["prompt"] for ex in examples])["input_ids"]  # with the bos, if the model has one
             completions = tokenizer([ex["completion"] for ex in examples], add_special_tokens=False)["input_ids"]
             pairs = [(p + c + [eos], [IGNORE] * len(p) + c + [eos]) for p, c in zip(prompts, completions)]
-    rows, dropped = [], 0
-    for ids, labels in pairs:
-        ids, labels = ids[:max_length], labels[:max_length]
-        if all(x == IGNORE for x in labels[1:]):  # labels[0] is never a target: nothing comes before it
-            dropped += 1
-        else:
-            rows.append({"input_ids": ids, "labels": labels})
-    if not rows:
-        raise LoraError(f"all {dropped} examples lost every loss token to truncation at max_length={max_length}; "
-                        "raise max_length or shorten the prompts")
-    return rows, dropped
+    pairs = [(ids[:max_length], labels[:max_length]) for ids, labels in pairs]
+    # labels[0] is never a target: nothing comes before it
+    return [None if all(x == IGNORE for x in labels[1:]) else (ids, labels) for ids, labels in pairs]
 
 
 def _chat(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
@@ -306,14 +361,19 @@ def tokenize_classify(examples: list[dict], tokenizer, max_length: int,
     names = label_names(examples)  # which also checks the examples
     names = names if labels is None else list(labels)
     values = [ex["label"] for ex in examples]
-    where = {name: i for i, name in enumerate(names)}
-    index = [v if isinstance(v, int) and 0 <= v < len(names) else where.get(v) for v in values]
+    index = _class_index(values, names)
     bad = sorted({v for v, i in zip(values, index) if i is None}, key=str)
     if bad:
         raise LoraError(f"labels {bad[:5]} are not among the {len(names)} classes {names[:10]}; fix the examples or "
                         "pass the full list as labels=")
     ids = tokenizer([ex["text"] for ex in examples], truncation=True, max_length=max_length)["input_ids"]
     return [{"input_ids": x, "label": y} for x, y in zip(ids, index)], names
+
+
+def _class_index(values: list, names: list[str]) -> list[int | None]:
+    """Each label's index into `names`: an int in range is its own index, a name its position; None if neither."""
+    where = {name: i for i, name in enumerate(names)}
+    return [v if isinstance(v, int) and 0 <= v < len(names) else where.get(v) for v in values]
 
 
 # --- batching -------------------------------------------------------------------------------------
@@ -337,3 +397,306 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     elif "label" in batch[0]:
         out["labels"] = torch.tensor([r["label"] for r in batch], dtype=torch.long)
     return out
+
+
+# --- data sets through `datasets`: parquet, Arrow and JSON files, save_to_disk folders, hub ids ------------------
+LOADERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json"}  # datasets' packaged builders, by suffix
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+OK, BAD, EMPTY = 0, 1, 2  # a tokenized row's status: kept, bad (skipped with skip_bad), no loss token left
+
+
+def read_data(spec: str, fields: dict[str, str] | None = None, skip_bad: bool = False, strict_fields: bool = False,
+              eval: bool = False, streaming: bool = False, seed: int = 0, shuffle_buffer: int = 0):
+    """(examples, bad lines skipped) of a --data / --eval-data value (see the module docstring): read_examples' list
+    for the line formats, else a `datasets` Dataset (memory-mapped, never made a list) or, streaming, an
+    IterableDataset (shuffled with a buffer if shuffle_buffer), cut to the columns of one example shape. The bad rows
+    of a data set are found as encode_dataset tokenizes it."""
+    where, split = _locate(spec)
+    suffix = Path(where).suffix.lower()
+    if suffix in SUFFIXES and not (streaming and suffix == ".jsonl"):
+        if streaming:
+            raise LoraError(f"{spec}: --streaming reads .jsonl, .json, .parquet and .arrow files, save_to_disk folders "
+                            f"and hub ids, not {suffix} files; leave out --streaming (the file is read whole)")
+        if split:
+            raise LoraError(f"{spec}: a {suffix} file has no splits; leave out ':{split}'")
+        return read_examples(where, skip_bad, strict_fields, fields)
+    ds = _load(spec, where, split, eval, streaming)
+    if streaming and shuffle_buffer:
+        ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer)
+    return _columns(ds, spec, fields or {}, strict_fields), 0
+
+
+def _locate(spec: str) -> tuple[str, str | None]:
+    """(path or hub id, split or None): `where:split` names a split, unless the whole value is a path that exists."""
+    head, sep, tail = spec.rpartition(":")
+    if Path(spec).exists() or not sep or not head or not tail or "/" in tail:
+        return spec, None
+    return head, tail
+
+
+def _load(spec: str, where: str, split: str | None, eval: bool, streaming: bool):
+    """The Dataset (IterableDataset when streaming) of one split of a file, folder or hub id."""
+    try:
+        import datasets
+    except ImportError:
+        raise LoraError(f"{spec}: reading it needs the `datasets` library; pip install 'lorakit[hub]'") from None
+    path = Path(where)
+    if path.is_file():
+        builder = LOADERS.get(path.suffix.lower()) or ("json" if path.suffix.lower() == ".jsonl" else None)
+        if builder is None:
+            raise LoraError(f"{spec}: unknown data format {path.suffix!r}; use .jsonl, .csv, .tsv, .txt, .json, "
+                            ".parquet or .arrow, a save_to_disk folder or a hub dataset id (user/name[:split])")
+        if split:
+            raise LoraError(f"{spec}: a {path.suffix} file holds one split; leave out ':{split}'")
+        return _call(spec, datasets.load_dataset, builder, data_files=str(path), split="train", streaming=streaming)
+    if path.is_dir() and any((path / f).exists() for f in ("dataset_dict.json", "state.json")):
+        saved = _call(spec, datasets.load_from_disk, str(path))
+        if isinstance(saved, datasets.DatasetDict):
+            saved = saved[_pick(spec, list(saved), split, eval)]
+        elif split:
+            raise LoraError(f"{spec}: {where} holds one Dataset, no splits; leave out ':{split}'")
+        return saved.to_iterable_dataset() if streaming else saved
+    if not path.is_dir():
+        if path.suffix.lower() in {*SUFFIXES, *LOADERS} or not HUB_ID.fullmatch(where):
+            raise LoraError(f"{spec}: no such file or folder" + ("" if path.suffix else
+                            ", and no hub dataset id (user/name or user/name:split)"))
+        where = _hub(spec, where)
+    splits = _call(spec, datasets.get_dataset_split_names, where)  # a folder of data files, or a hub data set
+    return _call(spec, datasets.load_dataset, where, split=_pick(spec, splits, split, eval), streaming=streaming)
+
+
+def _hub(spec: str, repo_id: str) -> str:
+    """What load_dataset reads for a hub id: the id itself, or offline (HF_HUB_OFFLINE) its snapshot in the hub
+    cache (datasets alone reads only data sets it prepared itself while online)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    if not constants.is_offline_mode():
+        return repo_id
+    try:
+        return huggingface_hub.snapshot_download(repo_id, repo_type="dataset", local_files_only=True)
+    except (FileNotFoundError, huggingface_hub.errors.LocalEntryNotFoundError):
+        raise LoraError(f"{spec}: not in the hub cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set; "
+                        "download it once online (unset HF_HUB_OFFLINE), or give a local file or folder") from None
+
+
+def _call(spec: str, fn, *args, **kw):
+    """fn(*args, **kw), its failures to find or read data as one-line LoraErrors naming the data."""
+    try:
+        return fn(*args, **kw)
+    except LoraError:
+        raise
+    except (OSError, ValueError, ImportError) as e:  # FileNotFoundError, ConnectionError, datasets' own errors
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise LoraError(f"{spec}: cannot load it ({why[:300]}); check the path or hub id (and `hf auth login` for a "
+                        "gated one), or set HF_HUB_OFFLINE=1 to read the hub cache") from None
+
+
+def _pick(spec: str, splits: list[str], split: str | None, eval: bool) -> str:
+    """The split to read: the one named, else train (--data) or validation, then test (--eval-data)."""
+    want = [split] if split else ["validation", "test"] if eval else ["train"]
+    for w in want:
+        if w in splits:
+            return w
+    raise LoraError(f"{spec}: no split {' or '.join(map(repr, want))}; it has {', '.join(map(repr, splits))}; name "
+                    f"one as {_locate(spec)[0]}:SPLIT")
+
+
+def _names(ds) -> list[str]:
+    """The columns of a data set (of a stream without known features: its first example's keys)."""
+    return list(ds.column_names or next(iter(ds), {}))
+
+
+def _columns(ds, spec: str, fields: dict[str, str], strict: bool):
+    """`ds` with its columns renamed per `fields` and cut to those of its example shape; errors name the columns."""
+    names = _names(ds)
+    if missing := [s for s in fields if s not in names]:
+        raise LoraError(f"{spec}: no column {missing[0]!r} (--{fields[missing[0]]}-field); its columns are "
+                        f"{', '.join(names)}")
+    replaced = [n for n in names if n in fields.values() and n not in fields]  # a mapped column takes their name
+    renames = {s: t for s, t in fields.items() if s != t}
+    ds = ds.remove_columns(replaced) if replaced else ds
+    ds = ds.rename_columns(renames) if renames else ds
+    names = [fields.get(n, n) for n in names if n not in replaced]
+    if tuple(sorted(n for n in names if n in FIELDS)) not in SHAPES:
+        raise LoraError(f"{spec}: its columns {', '.join(names)} hold no example shape ({SHAPE_LIST}); name the "
+                        "columns to use with --text-field, --prompt-field, --completion-field, --messages-field or "
+                        "--label-field (e.g. --text-field sentence)")
+    if extra := [n for n in names if n not in FIELDS]:
+        if strict:
+            raise LoraError(f"{spec}: the columns {', '.join(extra)} are not part of an example; leave out "
+                            "--strict-fields to ignore them")
+        print(f"{spec}: ignoring columns {', '.join(extra)} (--strict-fields refuses them)", file=sys.stderr)
+        ds = ds.remove_columns(extra)
+    return ds
+
+
+def _ds_shape(ds) -> str:
+    return SHAPES[tuple(sorted(_names(ds)))]
+
+
+def labels_of(examples, spec: str) -> list[str]:
+    """The class names of read_data's examples: label_names for a list; for a data set a ClassLabel column's names,
+    else its sorted distinct labels (strings), or "0" .. "max" (integers)."""
+    import datasets
+
+    if isinstance(examples, list):
+        return label_names(examples)
+    if _ds_shape(examples) != "text/label":
+        raise LoraError(f"{spec}: classification needs text and label columns; name them with --text-field and "
+                        "--label-field")
+    feature = (examples.features or {}).get("label")
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    if not isinstance(examples, datasets.Dataset):
+        raise LoraError(f"{spec}: classifying a stream needs the class names up front, as a ClassLabel label column "
+                        f"carries them, but its label column is {feature}; leave out --streaming")
+    values = [v for v in examples.unique("label") if isinstance(v, int | str) and not isinstance(v, bool) and
+              str(v).strip()]  # the bad ones are bad rows when it is encoded
+    if not values:
+        raise LoraError(f"{spec}: no valid label; write integer class indices or non-empty class names")
+    return [str(i) for i in range(max(values) + 1)] if isinstance(values[0], int) else sorted(values)
+
+
+def encode_dataset(ds, spec: str, task: str, tokenizer, max_length: int, labels: list[str] | None = None,
+                   skip_bad: bool = False):
+    """(rows, bad rows skipped) of read_data's data set, as tokenize_causal / tokenize_classify make them.
+
+    A Dataset is checked and tokenized by Dataset.map in batches into a memory-mapped Dataset of token rows, written
+    to lorakit's cache dir (not next to the data) under a key of the data, the settings, the tokenizer and this
+    code, so a re-run reads it back; causal rows left without a loss token are dropped. A bad row is a LoraError
+    "SPEC row N: problem; fix" before training starts, or is skipped and counted with skip_bad. An IterableDataset
+    becomes a Stream, which does the same as training reads it."""
+    import datasets
+    import numpy as np
+    from datasets.fingerprint import Hasher
+
+    from lorakit.core.cache import cache_dir
+
+    shape = _ds_shape(ds)
+    if (shape == "text/label") != (task == "classify"):
+        raise LoraError(f"{spec}: {shape} examples, but the task is {task}; classification needs text and label "
+                        "columns, causal LM the others (see --task and the --*-field settings)")
+    kw = {"spec": spec, "shape": shape, "tokenizer": tokenizer, "max_length": max_length, "labels": labels,
+          "skip_bad": skip_bad}
+    if not isinstance(ds, datasets.Dataset):
+        return Stream(ds, kw), 0
+    code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    key = Hasher.hash([ds._fingerprint, code, {k: v for k, v in kw.items() if k != "spec"}])
+    folder = cache_dir() / "datasets"
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = datasets.List(datasets.Value("int32"))
+    features = datasets.Features({"input_ids": ids, "_status": datasets.Value("int8"),
+                                  **({"label": datasets.Value("int64")} if labels is not None else {"labels": ids})})
+    rows = ds.map(_encode_batch, batched=True, with_indices=True, fn_kwargs=kw, remove_columns=ds.column_names,
+                  features=features, cache_file_name=str(folder / f"{key}.arrow"), new_fingerprint=key,
+                  desc=f"tokenizing {spec}")
+    counts = np.bincount(rows.with_format("numpy")["_status"], minlength=3).tolist()
+    if not counts[OK]:
+        why = f"{counts[BAD]} bad rows skipped, {counts[EMPTY]} left without a loss token at max_length={max_length}"
+        raise LoraError(f"{spec}: no examples to train on ({why}); fix the data or raise max_length")
+    if counts[OK] < len(rows):
+        rows = rows.filter(lambda s: [x == OK for x in s], input_columns="_status", batched=True,
+                           cache_file_name=str(folder / f"{key}-kept.arrow"))
+    return rows.remove_columns("_status"), counts[BAD]
+
+
+def _encode_batch(batch: dict, indices: list[int], **kw) -> dict:
+    """Dataset.map's function: a batch of columns -> columns of token rows and each row's status."""
+    rows = _encode_examples([dict(zip(batch, values)) for values in zip(*batch.values())], indices, **kw)
+    key = "labels" if kw["labels"] is None else "label"
+    return {"input_ids": [r["input_ids"] for _, r in rows], key: [r[key] for _, r in rows],
+            "_status": [status for status, _ in rows]}
+
+
+def _encode_examples(examples: list[dict], indices, spec, shape, tokenizer, max_length, labels, skip_bad):
+    """(status, token row) of each example; a bad one raises LoraError "SPEC row N: ..." unless skip_bad."""
+    status, good = [], []
+    for i, ex in zip(indices, examples):
+        try:
+            _check_example(ex)
+            if labels is not None and _class_index([ex["label"]], labels)[0] is None:
+                raise _Bad(f"label {ex['label']!r} is not among the {len(labels)} classes {labels[:10]}; fix the "
+                           "row, or leave it out with --skip-bad")
+        except _Bad as e:
+            if not skip_bad:
+                raise LoraError(f"{spec} row {i}: {e}") from None
+            status.append(BAD)
+            continue
+        status.append(OK)
+        good.append(ex)
+    if labels is not None:
+        texts = [ex["text"] for ex in good]
+        ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if good else []
+        made = [{"input_ids": x, "label": y} for x, y in zip(ids, _class_index([ex["label"] for ex in good], labels))]
+        blank = {"input_ids": [], "label": -1}
+    else:
+        made = [p and {"input_ids": p[0], "labels": p[1]} for p in (_causal(good, shape, tokenizer, max_length)
+                                                                     if good else [])]
+        blank = {"input_ids": [], "labels": []}
+    made = iter(made)
+    out = []
+    for s in status:
+        row = next(made) if s == OK else None
+        out.append((OK, row) if row else (EMPTY if s == OK else s, blank))
+    return out
+
+
+class Stream:
+    """Training rows of an IterableDataset, checked and tokenized as they are read (no length, no list): global step
+    k takes the next n good rows of the data in order, read again from its start (the next epoch, reshuffled if
+    shuffled) when it ends. Its state_dict goes into the run's checkpoints, so a resumed run goes on with exactly
+    the rows an uninterrupted one reads."""
+
+    def __init__(self, ds, kw: dict):
+        self.ds, self.kw = ds, kw
+        self.load_state_dict({})
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset, "taken": self.taken, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict):
+        self.epoch, self.offset, self.taken, self.skipped = (int(state.get(k, 0)) for k in
+                                                             ("epoch", "offset", "taken", "skipped"))
+        self.close()
+
+    def close(self):
+        """End the read under way now (datasets' stream waits for Arrow's threads as it ends) rather than as Python
+        exits, where it would print noise."""
+        if getattr(self, "_raw", None) is not None:
+            self._raw.close()
+        self._raw = self._it = None
+
+    def batch(self, step: int, n: int) -> list[dict]:
+        """The n rows of global step `step`, read on from where the stream stands (after step-1, or a checkpoint)."""
+        if self.taken > step * n:  # asked for an earlier step: read again from the start
+            self.load_state_dict({})
+        out = []
+        while self.taken < (step + 1) * n:
+            row = self._next()
+            self.taken += 1
+            if self.taken > step * n:
+                out.append(row)
+        return out
+
+    def _next(self) -> dict:
+        while True:
+            if self._it is None:
+                self.ds.set_epoch(self.epoch)  # a shuffled stream's order for this epoch
+                self._raw = iter(self.ds)
+                self._it = itertools.islice(self._raw, self.offset, None)
+                self._found = 0 if self.offset == 0 else None  # rows found in a whole epoch (None: begun midway)
+            ex = next(self._it, None)
+            if ex is None:
+                if self._found == 0:
+                    raise LoraError(f"{self.kw['spec']}: no examples to train on in the whole stream (bad, or left "
+                                    "without a loss token); fix the data or raise max_length")
+                self.epoch, self.offset = self.epoch + 1, 0
+                self.close()
+                continue
+            (status, row), = _encode_examples([ex], [self.offset], **self.kw)
+            self.offset += 1
+            self.skipped += status == BAD
+            if status == OK:
+                self._found = None if self._found is None else self._found + 1
+                return row

@@ -34,7 +34,7 @@ class TrainConfig:
     """A `lorakit train` run; every field is a flag (--max-steps) and a YAML key (max_steps), LoRA's included."""
 
     model: str = "smollm2-135m"
-    data: str = ""
+    data: str = ""  # a .jsonl/.csv/.tsv/.txt/.json/.parquet/.arrow file, a save_to_disk folder, a hub id (user/name)
     task: Literal["causal-lm", "classify"] = "causal-lm"
     out: str = "run"
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=8, alpha=16, dropout=0.05))
@@ -64,12 +64,25 @@ class TrainConfig:
     strict_fields: bool = False  # refuse data fields outside the example shapes (else ignored with a notice)
     eval_bleu: bool = False  # also generate for each eval prompt and score BLEU (before and after)
     num_beams: int = 1
+    text_field: str | None = None  # the data's column (or field) that is lorakit's `text` (e.g. sentence)
+    prompt_field: str | None = None  # ... `prompt` (e.g. instruction)
+    completion_field: str | None = None  # ... `completion` (e.g. output)
+    messages_field: str | None = None  # ... `messages` (e.g. conversations)
+    label_field: str | None = None  # ... `label`
+    streaming: bool = False  # read a data set as a stream (no download in full; needs max_steps)
+    shuffle_buffer: int = 0  # with streaming: shuffle through a buffer of this many examples (0: in order)
 
     def __post_init__(self):
         options.check(self)
         if self.quantize and self.full_finetune:
             raise LoraError("--quantize freezes the base in low precision, which --full-finetune would train; "
                             "choose one")
+        if self.streaming and not self.max_steps:
+            raise LoraError("--streaming needs --max-steps: a stream has no length to count epochs in")
+        if self.shuffle_buffer and not self.streaming:
+            raise LoraError("--shuffle-buffer shuffles a stream; it needs --streaming (other data is shuffled anyway)")
+        if self.shuffle_buffer < 0:
+            raise LoraError(f"--shuffle-buffer must be 0 or more, got {self.shuffle_buffer}")
 
 
 # the settings a resumed run may change (the rest must match the run it continues: lorakit.runner.open_folder)
@@ -97,7 +110,7 @@ def evaluate(model, rows: list[dict], task: str, pad_id: int, batch_size: int) -
     model.eval()
     total, count, correct = 0.0, 0, 0
     for i in range(0, len(rows), batch_size):
-        batch = datalib.collate(rows[i: i + batch_size], pad_id)
+        batch = datalib.collate([rows[j] for j in range(i, min(i + batch_size, len(rows)))], pad_id)
         loss, n, logits = loss_sum(model, batch, task)
         total, count = total + loss.item(), count + n
         if task == "classify":
@@ -137,13 +150,18 @@ class Trainer:
         acc, self.adapt, self.stateful = self.acc, adapt, {}
         self.fsdp = fsdp.setup(acc, cfg, adapt, on_cpu)
 
-        examples, self.skipped = datalib.read_examples(cfg.data, cfg.skip_bad, cfg.strict_fields)
-        self.labels = datalib.label_names(examples) if cfg.task == "classify" else None
+        fields = datalib.field_map(cfg)
+        examples, self.skipped = datalib.read_data(cfg.data, fields, cfg.skip_bad, cfg.strict_fields,
+                                                   streaming=cfg.streaming, seed=cfg.seed,
+                                                   shuffle_buffer=cfg.shuffle_buffer)
+        self.labels = datalib.labels_of(examples, cfg.data) if cfg.task == "classify" else None
         model, self.tokenizer, self.base = pretrained.load(cfg.model, cfg.task, num_labels=len(self.labels or [0, 1]))
-        self.rows = self.encode(examples)
-        self.eval_examples = (datalib.read_examples(cfg.eval_data, cfg.skip_bad, cfg.strict_fields)[0]
+        self.rows = self.encode(examples, cfg.data)  # a list, a memory-mapped datasets.Dataset, or a datalib.Stream
+        if isinstance(self.rows, datalib.Stream):
+            self.stateful["stream"] = self.rows  # where it stands goes into checkpoints
+        self.eval_examples = (datalib.read_data(cfg.eval_data, fields, cfg.skip_bad, cfg.strict_fields, eval=True)[0]
                               if cfg.eval_data else [])
-        self.eval_rows = self.encode(self.eval_examples) if self.eval_examples else []
+        self.eval_rows = self.encode(self.eval_examples, cfg.eval_data) if len(self.eval_examples) else []
         self.eval_every = cfg.eval_every if self.eval_rows else 0
         self.pad_id = self.tokenizer.pad_token_id
 
@@ -179,8 +197,15 @@ class Trainer:
         self.params = {n: p for n, p in self.plain.named_parameters() if p.requires_grad}  # what checkpoints hold
         self.tokens, self.t0 = 0, time.time()
 
-    def encode(self, examples: list[dict]) -> list[dict]:
-        """Token rows for the task (causal LM rows whose loss tokens were all truncated are dropped)."""
+    def encode(self, examples, spec: str):
+        """Token rows for the task (causal LM rows whose loss tokens were all truncated are dropped); a data set's
+        through datalib.encode_dataset, its bad rows skipped (with skip_bad) added to self.skipped."""
+        if not isinstance(examples, list):
+            with self.acc.main_process_first():  # the others read the token rows it caches
+                rows, skipped = datalib.encode_dataset(examples, spec, self.cfg.task, self.tokenizer,
+                                                       self.cfg.max_length, self.labels, self.cfg.skip_bad)
+            self.skipped += skipped if spec == self.cfg.data else 0  # as read_data counts the training data's
+            return rows
         if self.cfg.task == "causal-lm":
             return datalib.tokenize_causal(examples, self.tokenizer, self.cfg.max_length)[0]
         return datalib.tokenize_classify(examples, self.tokenizer, self.cfg.max_length, self.labels)[0]
@@ -209,11 +234,14 @@ class Trainer:
         """One optimisation step on this process's slice of global batch `step`."""
         cfg, acc = self.cfg, self.acc
         world, rank = acc.num_processes, acc.process_index
-        idx = runner.step_indices(len(self.rows), cfg.seed, step, self.per_step)
+        if isinstance(self.rows, datalib.Stream):  # the stream's next rows, in order
+            rows, idx = self.rows.batch(step, self.per_step), list(range(self.per_step))
+        else:
+            rows, idx = self.rows, runner.step_indices(len(self.rows), cfg.seed, step, self.per_step)
         size = cfg.batch_size * world
         micro = [idx[k * size + rank * cfg.batch_size:k * size + (rank + 1) * cfg.batch_size]
                  for k in range(cfg.grad_accum)]
-        batches = [datalib.collate([self.rows[i] for i in m], self.pad_id) for m in micro]
+        batches = [datalib.collate([rows[i] for i in m], self.pad_id) for m in micro]
         count = acc.reduce(torch.tensor(float(sum(n_targets(b, cfg.task) for b in batches)), device=acc.device),
                            "sum").item()  # on the device: NCCL reduces no CPU tensors
         running = 0.0
@@ -250,6 +278,8 @@ class Trainer:
     def finish(self, result: dict) -> dict:
         """Final evaluation, then the adapter (or model) into the run folder, by the main process."""
         cfg, out = self.cfg, self.out
+        if isinstance(self.rows, datalib.Stream):
+            self.rows.close()
         if self.eval_rows:
             result.update(self.evaluate(self.total))
             if cfg.eval_bleu:
