@@ -56,7 +56,7 @@ def rows_of(trainer_rows):
 
 
 def hub_dataset(tmp, repo_id: str, splits: dict):
-    """`repo_id` in the hub cache as huggingface_hub lays it out: refs/main -> snapshots/COMMIT/data/SPLIT-....parquet."""
+    """`repo_id` in the hub cache as huggingface_hub lays it out: refs/main, snapshots/COMMIT/data/SPLIT-*.parquet."""
     repo = tmp / "hf" / "hub" / f"datasets--{repo_id.replace('/', '--')}"
     commit = "0123456789abcdef0123456789abcdef01234567"
     (repo / "refs").mkdir(parents=True)
@@ -129,7 +129,7 @@ def test_field_mapping_renames_columns_of_every_source(tmp):
         Trainer(config(tmp, data=str(tmp / "pc.parquet")))
 
 
-def test_hub_id_from_the_hub_cache_offline_classifies_with_classlabel_names(tmp, capsys):
+def test_hub_id_from_the_hub_cache_offline_classifies_with_classlabel_names(tmp, capsys, monkeypatch):
     rows = [{"sentence": "a a b" if i % 2 else "c c b", "label": i % 2, "idx": i} for i in range(16)]
     features = datasets.Features({**CLASSES, "idx": datasets.Value("int32")})
     hub_dataset(tmp, "user/sst", {"train": datasets.Dataset.from_list(rows, features=features),
@@ -145,6 +145,9 @@ def test_hub_id_from_the_hub_cache_offline_classifies_with_classlabel_names(tmp,
     assert (tmp / "cli" / "adapter.safetensors").exists()
     with pytest.raises(LoraError, match="user/sst:test: no split 'test'; it has 'train', 'validation'"):
         Trainer(config(tmp, data="user/sst:test", text_field="sentence"))
+    datasets.Dataset.from_list(TEXTS[:5]).save_to_disk(str(tmp / "user" / "sst"))
+    monkeypatch.chdir(tmp)
+    assert len(Trainer(config(tmp, data="user/sst")).rows) == 5  # a local path wins over the hub id
     capsys.readouterr()
     assert main(["train", "--model", str(tmp / "m"), "--data", "someone/missing", "--out", str(tmp / "x")]) == 2
     err = capsys.readouterr().err.strip()

@@ -69,7 +69,7 @@ class TrainConfig:
     completion_field: str | None = None  # ... `completion` (e.g. output)
     messages_field: str | None = None  # ... `messages` (e.g. conversations)
     label_field: str | None = None  # ... `label`
-    streaming: bool = False  # read a data set as a stream (no download in full; needs max_steps)
+    streaming: bool = False  # read the training data as a stream (needs max_steps); eval data is read whole
     shuffle_buffer: int = 0  # with streaming: shuffle through a buffer of this many examples (0: in order)
 
     def __post_init__(self):
@@ -156,12 +156,13 @@ class Trainer:
                                                    shuffle_buffer=cfg.shuffle_buffer)
         self.labels = datalib.labels_of(examples, cfg.data) if cfg.task == "classify" else None
         model, self.tokenizer, self.base = pretrained.load(cfg.model, cfg.task, num_labels=len(self.labels or [0, 1]))
-        self.rows = self.encode(examples, cfg.data)  # a list, a memory-mapped datasets.Dataset, or a datalib.Stream
+        self.rows, skipped = self.encode(examples, cfg.data)  # a list, a memory-mapped datasets.Dataset or a Stream
+        self.skipped += skipped
         if isinstance(self.rows, datalib.Stream):
             self.stateful["stream"] = self.rows  # where it stands goes into checkpoints
         self.eval_examples = (datalib.read_data(cfg.eval_data, fields, cfg.skip_bad, cfg.strict_fields, eval=True)[0]
                               if cfg.eval_data else [])
-        self.eval_rows = self.encode(self.eval_examples, cfg.eval_data) if len(self.eval_examples) else []
+        self.eval_rows = self.encode(self.eval_examples, cfg.eval_data)[0] if len(self.eval_examples) else []
         self.eval_every = cfg.eval_every if self.eval_rows else 0
         self.pad_id = self.tokenizer.pad_token_id
 
@@ -197,18 +198,16 @@ class Trainer:
         self.params = {n: p for n, p in self.plain.named_parameters() if p.requires_grad}  # what checkpoints hold
         self.tokens, self.t0 = 0, time.time()
 
-    def encode(self, examples, spec: str):
-        """Token rows for the task (causal LM rows whose loss tokens were all truncated are dropped); a data set's
-        through datalib.encode_dataset, its bad rows skipped (with skip_bad) added to self.skipped."""
+    def encode(self, examples, spec: str) -> tuple:
+        """(token rows for the task, bad rows skipped): causal LM rows whose loss tokens were all truncated are
+        dropped; a data set's rows come from datalib.encode_dataset (its bad rows are found there, not by read_data)."""
         if not isinstance(examples, list):
             with self.acc.main_process_first():  # the others read the token rows it caches
-                rows, skipped = datalib.encode_dataset(examples, spec, self.cfg.task, self.tokenizer,
-                                                       self.cfg.max_length, self.labels, self.cfg.skip_bad)
-            self.skipped += skipped if spec == self.cfg.data else 0  # as read_data counts the training data's
-            return rows
+                return datalib.encode_dataset(examples, spec, self.cfg.task, self.tokenizer, self.cfg.max_length,
+                                              self.labels, self.cfg.skip_bad)
         if self.cfg.task == "causal-lm":
-            return datalib.tokenize_causal(examples, self.tokenizer, self.cfg.max_length)[0]
-        return datalib.tokenize_classify(examples, self.tokenizer, self.cfg.max_length, self.labels)[0]
+            return datalib.tokenize_causal(examples, self.tokenizer, self.cfg.max_length)[0], 0
+        return datalib.tokenize_classify(examples, self.tokenizer, self.cfg.max_length, self.labels)[0], 0
 
     def begin(self, start: int) -> dict:
         """Say what trains; evaluate the untouched model once (a fresh run); returns those "before" metrics."""
@@ -280,6 +279,7 @@ class Trainer:
         cfg, out = self.cfg, self.out
         if isinstance(self.rows, datalib.Stream):
             self.rows.close()
+            result["skipped"] = self.skipped + self.rows.skipped  # bad rows it met as it read
         if self.eval_rows:
             result.update(self.evaluate(self.total))
             if cfg.eval_bleu:
