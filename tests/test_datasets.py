@@ -4,7 +4,6 @@ hub cache (offline), field mapping, memory-mapped token rows, bad rows, and stre
 import json
 from pathlib import Path
 
-import datasets
 import pytest
 import torch
 from conftest import assert_same_adapter, killed_at
@@ -14,6 +13,8 @@ from lorakit.cli import main
 from lorakit.llm import data as datalib
 from lorakit.llm.train import TrainConfig, Trainer, train
 from lorakit.options import build
+
+datasets = pytest.importorskip("datasets")  # lorakit[hub]
 
 TEXTS = [{"text": " ".join("abc"[(i + k) % 3] for k in range(3 + i % 5))} for i in range(24)]
 CLASSES = datasets.Features({"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})

@@ -466,18 +466,19 @@ def _load(spec: str, where: str, split: str | None, eval: bool, streaming: bool)
 
 
 def _hub(spec: str, repo_id: str) -> str:
-    """What load_dataset reads for a hub id: the id itself, or offline (HF_HUB_OFFLINE) its snapshot in the hub
-    cache (datasets alone reads only data sets it prepared itself while online)."""
+    """What load_dataset reads for a hub id: the id itself, or offline (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE) its
+    snapshot in the hub cache (datasets alone reads only data sets it prepared itself while online)."""
+    import datasets
     import huggingface_hub
     from huggingface_hub import constants
 
-    if not constants.is_offline_mode():
+    if not (constants.is_offline_mode() or datasets.config.HF_HUB_OFFLINE):
         return repo_id
     try:
         return huggingface_hub.snapshot_download(repo_id, repo_type="dataset", local_files_only=True)
     except (FileNotFoundError, huggingface_hub.errors.LocalEntryNotFoundError):
-        raise LoraError(f"{spec}: not in the hub cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set; "
-                        "download it once online (unset HF_HUB_OFFLINE), or give a local file or folder") from None
+        raise LoraError(f"{spec}: not in the hub cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE (or "
+                        "HF_DATASETS_OFFLINE) is set; download it once online, or give a local file or folder") from None
 
 
 def _call(spec: str, fn, *args, **kw):
