@@ -56,15 +56,19 @@ def rows_of(trainer_rows):
     return [dict(trainer_rows[i]) for i in range(len(trainer_rows))]
 
 
-def hub_dataset(tmp, repo_id: str, splits: dict):
-    """`repo_id` in the hub cache as huggingface_hub lays it out: refs/main, snapshots/COMMIT/data/SPLIT-*.parquet."""
+def hub_dataset(tmp, repo_id: str, splits: dict, card: str | None = None):
+    """`repo_id` in the hub cache as huggingface_hub lays it out: refs/main, snapshots/COMMIT/data/SPLIT-*.parquet
+    (a split named "config/split" goes to snapshots/COMMIT/config/split-*.parquet), and README.md `card`."""
     repo = tmp / "hf" / "hub" / f"datasets--{repo_id.replace('/', '--')}"
     commit = "0123456789abcdef0123456789abcdef01234567"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     for split, ds in splits.items():
-        (repo / "snapshots" / commit / "data").mkdir(parents=True, exist_ok=True)
-        ds.to_parquet(str(repo / "snapshots" / commit / "data" / f"{split}-00000-of-00001.parquet"))
+        file = repo / "snapshots" / commit / ("" if "/" in split else "data") / f"{split}-00000-of-00001.parquet"
+        file.parent.mkdir(parents=True, exist_ok=True)
+        ds.to_parquet(str(file))
+    if card:
+        (repo / "snapshots" / commit / "README.md").write_text(card)
 
 
 def test_parquet_arrow_and_json_give_the_rows_jsonl_gives_memory_mapped(tmp):
@@ -154,6 +158,17 @@ def test_hub_id_from_the_hub_cache_offline_classifies_with_classlabel_names(tmp,
     err = capsys.readouterr().err.strip()
     assert err.startswith("lorakit: error: someone/missing: not in the hub cache") and "HF_HUB_OFFLINE" in err
     assert "\n" not in err
+
+
+def test_a_hub_dataset_of_several_configurations_takes_owner_name_config(tmp):
+    card = ("---\nconfigs:\n" + "".join(f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train-*\n"
+                                         for c in ("one", "two")) + "---\n")
+    hub_dataset(tmp, "user/glue", {"one/train": datasets.Dataset.from_list(TEXTS[:6]),
+                                   "two/train": datasets.Dataset.from_list(TEXTS[:10])}, card)
+    assert len(Trainer(config(tmp, data="user/glue/two:train")).rows) == 10
+    assert len(Trainer(config(tmp, data="user/glue/one")).rows) == 6
+    with pytest.raises(LoraError, match=r"user/glue: the data set has several configurations \(\['one', 'two'\]"):
+        Trainer(config(tmp, data="user/glue"))
 
 
 def test_bad_rows_fail_with_the_row_or_are_skipped_and_counted(tmp):

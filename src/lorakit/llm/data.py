@@ -401,7 +401,7 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 # --- data sets through `datasets`: parquet, Arrow and JSON files, save_to_disk folders, hub ids ------------------
 LOADERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json"}  # datasets' packaged builders, by suffix
-HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+HUB_ID = re.compile(r"(?P<repo>[\w.-]+/[\w.-]+)(?:/(?P<config>[\w.-]+))?")  # owner/name[/config]
 OK, BAD, EMPTY = 0, 1, 2  # a tokenized row's status: kept, bad (skipped with skip_bad), no loss token left
 
 
@@ -456,13 +456,16 @@ def _load(spec: str, where: str, split: str | None, eval: bool, streaming: bool)
         elif split:
             raise LoraError(f"{spec}: {where} holds one Dataset, no splits; leave out ':{split}'")
         return saved.to_iterable_dataset() if streaming else saved
+    config = None
     if not path.is_dir():
-        if path.suffix.lower() in {*SUFFIXES, *LOADERS} or not HUB_ID.fullmatch(where):
+        m = HUB_ID.fullmatch(where)
+        if path.suffix.lower() in {*SUFFIXES, *LOADERS} or not m:
             raise LoraError(f"{spec}: no such file or folder" + ("" if path.suffix else
-                            ", and no hub dataset id (user/name or user/name:split)"))
-        where = _hub(spec, where)
-    splits = _call(spec, datasets.get_dataset_split_names, where)  # a folder of data files, or a hub data set
-    return _call(spec, datasets.load_dataset, where, split=_pick(spec, splits, split, eval), streaming=streaming)
+                            ", and no hub dataset id (user/name[/config][:split])"))
+        where, config = _hub(spec, m["repo"]), m["config"]
+    splits = _call(spec, datasets.get_dataset_split_names, where, config)  # a folder of data files, or a hub data set
+    return _call(spec, datasets.load_dataset, where, config, split=_pick(spec, splits, split, eval),
+                 streaming=streaming)
 
 
 def _hub(spec: str, repo_id: str) -> str:
@@ -489,6 +492,9 @@ def _call(spec: str, fn, *args, **kw):
         raise
     except (OSError, ValueError, ImportError) as e:  # FileNotFoundError, ConnectionError, datasets' own errors
         why = " ".join(str(e).split()) or type(e).__name__
+        if "Config name is missing" in why:  # a hub data set of several configurations (GLUE's sst2, cola, ...)
+            raise LoraError(f"{spec}: the data set has several configurations ({why[why.find('['):][:200]}); name one "
+                            "as owner/name/CONFIG[:split]") from None
         raise LoraError(f"{spec}: cannot load it ({why[:300]}); check the path or hub id (and `hf auth login` for a "
                         "gated one), or set HF_HUB_OFFLINE=1 to read the hub cache") from None
 
