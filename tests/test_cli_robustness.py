@@ -118,6 +118,17 @@ IN_PROCESS = [
     (TRAIN + " --lora-plus-ratio 0", "TrainConfig.lora_plus_ratio (--lora-plus-ratio) must be more than 0, got 0.0"),
     (TRAIN + " --quantize bogus", "--quantize: expected one of 'nf4', 'int8' or null, got 'bogus'"),
     (TRAIN + " --init svd", "LoraConfig.init must be True, False, 'gaussian', 'pissa', 'pissa_niter_K'"),
+    (TRAIN + " --text-field body", "no field 'body' (--text-field)"),
+    (TRAIN + " --streaming --max-steps 0", "must be more than 0"),
+    (TRAIN.replace("data.jsonl", "data.xlsx"), "data.xlsx: unknown data format '.xlsx'"),
+    (TRAIN.replace("data.jsonl", "data.jsonl:test"), "a .jsonl file has no splits"),
+    ("push {d}/nofolder --repo a/b --dry-run", "no such run folder"),
+    ("push {d}/m --repo a/b --dry-run", "holds no adapter (adapter.safetensors); it holds config.json"),
+    ("push {d}/pushrun --repo noslash --dry-run", "--repo 'noslash' is not a hub repo id"),
+    ("push {d}/pushrun --repo a/b --format gguf --dry-run", "--format 'gguf': choose from"),
+    ("push {d}/pushrun --repo a/b --dry-run {d}/data.jsonl", "is a file; give a folder"),
+    ("push {d}/pushrun --repo a/b --dry-run {d}/images", "is a folder that holds other files"),
+    ("push {d}/pushrun --repo a/b --base-model {d}/m --dry-run", "is not a hub model id"),
     (TRAIN + " --use-dora --targets embed_tokens", "DoRA is not supported on an embedding layer"),
     (TRAIN + " --dropout 1.5", "LoraConfig.dropout must be in [0, 1), got 1.5"),
     (TRAIN + " --targets nonexistent_proj", "targets entry 'nonexistent_proj' matches no module"),
@@ -206,6 +217,8 @@ AS_PROCESS = [
     ("serve --adapter x=nobody/no-such-lora@v2", "nobody/no-such-lora@v2: not in the Hugging Face cache"),
     ("combine {d}/m.safetensors nobody/lora:style.safetensors:0.5 --out {d}/c.safetensors",
      "nobody/lora:style.safetensors: not in the Hugging Face cache"),
+    (TRAIN.replace("{d}/data.jsonl", "nobody/no-such-data:test"), "nobody/no-such-data:test: not in the hub cache"),
+    ("push {d}/pushrun --repo a/b", "HF_HUB_OFFLINE is set, so nothing can be uploaded"),
 ]
 BAD_INVOCATIONS = len(IN_PROCESS) + len(AS_PROCESS)  # the count the README gives
 
@@ -248,12 +261,15 @@ def ws(tmp_path_factory):
         (d / folder / "adapter_config.json").write_bytes(text)
         (d / folder / "adapter_model.safetensors").write_bytes((d / "m.safetensors").read_bytes())
     files = {"empty.safetensors": b"", "corrupt.safetensors": b"\x10" + bytes(7) + b'{"a": garbage' + bytes(range(256)),
-             "x.bin": b"PK\x03\x04", "data.jsonl": b'{"text": "a b c a b"}\n' * 8, "empty.jsonl": b"",
+             "x.bin": b"PK\x03\x04", "data.xlsx": b"PK\x03\x04", "data.jsonl": b'{"text": "a b c a b"}\n' * 8,
+             "empty.jsonl": b"",
              "broken.jsonl": b'{"text": "a b"}\n{"text": \n', "latin1.jsonl": b'{"text": "caf\xe9"}\n',
              "latin1.yaml": b"model: caf\xe9\n", "unknown.yaml": b"modle: x\n", "list.yaml": b"- a\n- b\n",
              "broken.yaml": b"model: [x\n"}
     for name, data in files.items():
         (d / name).write_bytes(data)
+    (d / "pushrun").mkdir()  # a run folder push takes
+    (d / "pushrun" / "adapter.safetensors").write_bytes((d / "m.safetensors").read_bytes())
     return d
 
 
