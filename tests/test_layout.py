@@ -8,7 +8,7 @@ import lorakit
 
 ROOT = Path(lorakit.__file__).parent
 # lower numbers are lower layers; a module may import its own layer (same package) or lower ones
-LAYERS = {"lorakit.core": 0, "lorakit.options": 1, "lorakit.formats": 1, "lorakit.algebra": 2, "lorakit.runner": 2,
+LAYERS = {"lorakit.core": 0, "lorakit.options": 1, "lorakit.formats": 1, "lorakit.algebra": 2, "lorakit.runner": 2, "lorakit.dataset": 2,
           "lorakit.analysis": 3, "lorakit.llm": 4, "lorakit.sd": 4, "lorakit.merged": 5, "lorakit.push": 5, "lorakit.cli": 6, "lorakit": 7}
 
 

@@ -247,3 +247,26 @@ def test_lora_plus_trains_b_at_ratio_times_each_groups_rate(sd_setup):
         assert read[16.0][path].B.abs().max().item() == pytest.approx(16 * lr, rel=1e-3), path
         assert torch.equal(m.A, read[16.0][path].A)
     assert any(p.startswith("text_encoder.") for p in read[None])
+
+
+def test_a_data_set_of_images_and_captions_trains_as_its_folder_does(sd_setup, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("LORAKIT_CACHE", str(sd_setup / "lk"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", sd_setup / "hf-datasets")
+    rows = [json.loads(line) for line in (sd_setup / "images" / "metadata.jsonl").read_text().splitlines()]
+    features = datasets.Features({"picture": datasets.Image(), "caption": datasets.Value("string")})
+    ds = datasets.Dataset.from_dict({"picture": [str(sd_setup / "images" / r["file_name"]) for r in rows],
+                                     "caption": [r["text"] for r in rows]}, features=features)
+    ds.to_parquet(str(sd_setup / "images.parquet"))  # the images themselves go into the file
+    ds.save_to_disk(str(sd_setup / "saved"))
+    train_sd(config(sd_setup, validation_prompts=[]))
+    train_sd(config(sd_setup, data=str(sd_setup / "images.parquet"), out=str(sd_setup / "pq"), validation_prompts=[],
+                    image_field="picture"))  # captions from `caption`, found by name
+    assert_same_adapter(sd_setup / "run" / "adapter.safetensors", sd_setup / "pq" / "adapter.safetensors")
+    card = yaml.safe_load((sd_setup / "pq" / "README.md").read_text().split("---")[1])
+    assert card["training_data"]["name"] == "images.parquet" and len(card["training_data"]["sha256"]) == 64
+    with pytest.raises(LoraError, match=r"saved: no image column \(image, img\) among its columns picture, caption"):
+        train_sd(config(sd_setup, data=str(sd_setup / "saved"), out=str(sd_setup / "x")))
+    with pytest.raises(LoraError, match="--caption-field nope among its columns picture, caption"):
+        train_sd(config(sd_setup, data=str(sd_setup / "saved"), out=str(sd_setup / "x"), image_field="picture",
+                        caption_field="nope"))

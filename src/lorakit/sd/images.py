@@ -1,5 +1,6 @@
 """Image training data and sample grids: captioned image folders read the diffusers way (`metadata.jsonl`) or the
-kohya way (`image.png` + `image.txt`), turned into tensors in [-1, 1] at one resolution."""
+kohya way (`image.png` + `image.txt`), or data sets with an image and a caption column (parquet, save_to_disk
+folders, hub ids, through lorakit.dataset), turned into tensors in [-1, 1] at one resolution."""
 
 from __future__ import annotations
 
@@ -47,19 +48,67 @@ def read_folder(folder, prompt: str | None = None) -> list[tuple[Path, str]]:
     return [(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in images]
 
 
+IMAGE_COLUMNS, CAPTION_COLUMNS = ("image", "img"), ("text", "caption", "prompt")  # tried in this order
+
+
+def read_data(spec: str, prompt: str | None = None, image_field: str | None = None,
+              caption_field: str | None = None):
+    """(image, caption) pairs of an image folder (read_folder), or of a data set with an image column (default:
+    image) and a caption column (default: text, caption or prompt; `prompt` instead when given): a sequence that
+    decodes each image only when it is read, so the images stay on disk, memory-mapped."""
+    from lorakit import dataset
+
+    path = Path(spec)
+    if path.is_dir() and not any((path / f).exists() for f in ("dataset_dict.json", "state.json")):
+        if image_field or caption_field:
+            raise LoraError(f"{spec} is an image folder; --image-field and --caption-field name columns of a data set")
+        return read_folder(path, prompt)
+    ds = dataset.load(spec, *dataset.locate(spec), eval=False, streaming=False)
+    image = _column(ds, spec, image_field, IMAGE_COLUMNS, "image")
+    captions = [prompt] * len(ds) if prompt is not None else list(ds[_column(ds, spec, caption_field, CAPTION_COLUMNS,
+                                                                            "caption")])
+    if (bad := next((i for i, c in enumerate(captions) if not isinstance(c, str) or not c.strip()), None)) is not None:
+        raise LoraError(f"{spec} row {bad}: the caption is {captions[bad]!r}; give every image a caption")
+    return DatasetImages(ds.select_columns([image]), image, captions, spec)
+
+
+def _column(ds, spec: str, given: str | None, defaults: tuple[str, ...], what: str) -> str:
+    if given is not None and given not in ds.column_names or given is None and not set(defaults) & set(ds.column_names):
+        flag = f"--{what}-field {given}" if given else f"no {what} column ({', '.join(defaults)})"
+        raise LoraError(f"{spec}: {flag} among its columns {', '.join(ds.column_names)}; name it with --{what}-field")
+    return given or next(c for c in defaults if c in ds.column_names)
+
+
+class DatasetImages:
+    """(PIL image, caption) pairs of a data set, each image decoded when it is read."""
+
+    def __init__(self, ds, image: str, captions: list[str], spec: str):
+        self.ds, self.image, self.captions, self.spec = ds, image, captions, spec
+
+    def __len__(self):
+        return len(self.captions)
+
+    def __getitem__(self, i: int):
+        img = self.ds[i][self.image]
+        if not hasattr(img, "convert"):
+            raise LoraError(f"{self.spec} row {i}: the {self.image!r} column holds a {type(img).__name__}, not an "
+                            "image; use a column of the datasets Image type")
+        return img, self.captions[i]
+
+
 def load_image(path: Path, resolution: int, center_crop: bool = True) -> torch.Tensor:
     """The image as a (3, resolution, resolution) tensor in [-1, 1]: shorter side resized, then cropped."""
     return load_cropped(path, resolution, center_crop)[0]
 
 
-def load_cropped(path: Path, resolution: int, center_crop: bool = True,
+def load_cropped(path, resolution: int, center_crop: bool = True,
                  flip: bool = False) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-    """(image as load_image gives it, mirrored if `flip`; (original height, width, crop top, crop left)), the
+    """(image (a file or a PIL image) as load_image gives it, mirrored if `flip`; (original height, width, crop top, crop left)), the
     crop's corner in the resized (and mirrored) image: what SDXL's micro-conditioning time ids record."""
     from PIL import Image
 
     try:
-        img = Image.open(path).convert("RGB")
+        img = (path if isinstance(path, Image.Image) else Image.open(path)).convert("RGB")
     except OSError as e:
         raise LoraError(f"{path}: not a readable image ({e})") from None
     w0, h0 = img.size

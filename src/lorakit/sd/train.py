@@ -40,7 +40,9 @@ FREE = {"out", "resume", "overwrite", "save_every", "keep", "validation_prompts"
 class SDTrainConfig:
     model: str = ""  # a diffusers pipeline folder (or hub id)
     mode: Literal["text2image", "dreambooth", "pivotal"] = "text2image"
-    data: str = ""  # image folder: metadata.jsonl, image + .txt captions, or (dreambooth/pivotal) instance images
+    data: str = ""  # image folder (metadata.jsonl, image + .txt captions, or instance images) or a data set (hub id...)
+    image_field: str | None = None  # a data set's image column (default: image)
+    caption_field: str | None = None  # a data set's caption column (default: text, caption or prompt)
     out: str = "run"
     instance_prompt: str | None = None  # dreambooth/pivotal: e.g. "a photo of sks dog" / "a photo of <s1>"
     prior_preservation: bool = False
@@ -200,7 +202,7 @@ class Trainer:
         prompt = cfg.instance_prompt if cfg.mode != "text2image" else None
         if cfg.mode != "text2image" and not prompt:
             raise LoraError(f"{cfg.mode} needs an instance prompt, e.g. 'a photo of sks dog'")
-        self.pairs = imagelib.read_folder(cfg.data, prompt)
+        self.pairs = imagelib.read_data(cfg.data, prompt, cfg.image_field, cfg.caption_field)
         with acc.main_process_first():  # the base model's own samples, before LoRA; made once, by the main process
             self.prior = class_images(pipe, cfg) if cfg.prior_preservation else []
 
