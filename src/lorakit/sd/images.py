@@ -59,6 +59,8 @@ def read_data(spec: str, prompt: str | None = None, image_field: str | None = No
     from lorakit import dataset
 
     path = Path(spec)
+    if not path.exists() and not dataset.HUB_ID.fullmatch(dataset.locate(spec)[0]):
+        raise LoraError(f"{spec}: no such image folder (nor a data set file or a hub id owner/name[:split])")
     if path.is_dir() and not any((path / f).exists() for f in ("dataset_dict.json", "state.json")):
         if image_field or caption_field:
             raise LoraError(f"{spec} is an image folder; --image-field and --caption-field name columns of a data set")
