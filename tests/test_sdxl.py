@@ -80,11 +80,12 @@ def test_text2image_trains_only_lora_factors_with_the_images_time_ids(xl, monkey
     # but the LoRA factors changed
     fresh = load_pipeline(str(xl / "pipe"))
     lorakit.load(fresh, xl / "run" / "adapter.safetensors")
-    again = imagelib.grid(generate(fresh, ["a dog"], None, 2, 2, 7.5, 1, 8), 2)
+    captions = ["a dog"] * 2  # sample grids caption each cell with its prompt
+    again = imagelib.grid(generate(fresh, ["a dog"], None, 2, 2, 7.5, 1, 8), 2, captions)
     grid = Image.open(xl / "run" / "samples" / "step-000003.png")
-    assert grid.size == (16, 8)
+    assert grid.size == again.size and grid.size[0] == 2 * 128  # 8 px images shown at 128 px
     assert np.abs(np.asarray(grid, dtype=int) - np.asarray(again, dtype=int)).max() <= 1
-    plain = imagelib.grid(generate(load_pipeline(str(xl / "pipe")), ["a dog"], None, 2, 2, 7.5, 1, 8), 2)
+    plain = imagelib.grid(generate(load_pipeline(str(xl / "pipe")), ["a dog"], None, 2, 2, 7.5, 1, 8), 2, captions)
     assert np.abs(np.asarray(grid, dtype=int) - np.asarray(plain, dtype=int)).max() > 1  # which the LoRA changed
 
 
@@ -141,14 +142,14 @@ def test_generate_image_cli_draws_a_grid_with_sdxl_loras(xl, capsys):
     assert main(["generate-image", "--model", str(xl / "pipe"), "--lora", adapter + ":0.8", "--prompt", "a dog",
                  "--negative-prompt", "a cat", "--steps", "2", "--count", "4", "--size", "8",
                  "--out", str(xl / "grid.png")]) == 0
-    assert Image.open(xl / "grid.png").size == (16, 16)
+    assert Image.open(xl / "grid.png").size == (256, 256)  # 2 x 2 of 8 px images, each shown at 128 px
     # a prompt tag with its own text-encoder and UNet weights loads both text encoders' part as its own adapter
     (xl / "loras").mkdir()
     (xl / "loras" / "style.safetensors").write_bytes((xl / "run" / "adapter.safetensors").read_bytes())
     assert main(["generate-image", "--prompt", "a dog <lora:style:0.5:1>", "--lora-dir", str(xl / "loras"),
                  "--model", str(xl / "pipe"), "--steps", "2", "--count", "1", "--size", "8",
                  "--out", str(xl / "tag.png")]) == 0
-    assert Image.open(xl / "tag.png").size == (8, 8)
+    assert Image.open(xl / "tag.png").size == (128, 128)
     assert "wrote" in capsys.readouterr().out
 
 

@@ -40,7 +40,8 @@ def test_text2image_trains_only_lora_and_writes_adapter_curve_grid_and_card(sd_s
     result = train_sd(config(sd_setup, export=["diffusers", "kohya"]))
     run = sd_setup / "run"
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
-    assert Image.open(run / "samples" / "step-000003.png").size == (16, 8)  # 1 prompt x 2 images of 8 px
+    grid = Image.open(run / "samples" / "step-000003.png")  # 1 prompt x 2 images of 8 px, shown at 128 px, captioned
+    assert grid.size[0] == 2 * 128 and grid.size[1] > 128
     front = yaml.safe_load((run / "README.md").read_text().split("---")[1])
     assert "base_model" not in front and front["mode"] == "text2image"  # a local folder is no hub id
     assert front["widget"] == [{"text": "a dog", "output": {"url": "samples/step-000003.png"}}]
@@ -76,7 +77,7 @@ def test_cli_trains_from_yaml_and_generates_a_grid(sd_setup, capsys):
     assert main(["generate-image", "--lora", str(sd_setup / "run" / "adapter.safetensors") + ":-1", "--prompt",
                  "a dog", "--negative-prompt", "a cat", "--steps", "2", "--count", "4", "--size", "8", "--out",
                  str(sd_setup / "grid.png")]) == 0
-    assert Image.open(sd_setup / "grid.png").size == (16, 16)
+    assert Image.open(sd_setup / "grid.png").size == (256, 256)
     assert main(["generate-image", "--prompt", "a <lora:nope:1> dog", "--lora-dir", str(sd_setup),
                  "--model", str(sd_setup / "pipe")]) == 2
     assert "no LoRA named 'nope'" in capsys.readouterr().err

@@ -128,7 +128,9 @@ def run_serve(args):
 
 
 def run_generate_image(args):
-    from lorakit.sd.generate import generate, load_pipeline
+    from lorakit.formats.hub import name_of
+    from lorakit.formats.io import parse_adapter
+    from lorakit.sd.generate import generate, load_pipeline, sweep
     from lorakit.sd.images import grid
 
     triggers = {}
@@ -137,15 +139,50 @@ def run_generate_image(args):
         if not sep or not name or not words.strip(","):
             raise LoraError(f"--trigger {spec!r}: write NAME=WORD[,WORD], NAME being the LoRA's file name")
         triggers[name] = [w.strip() for w in words.split(",") if w.strip()]
-    pipe, prompt = load_pipeline(args.model, args.lora, args.prompt, args.lora_dir, args.fuse, pick_device(args.device),
-                                 guard=args.guard, triggers=triggers)
-    images = generate(pipe, prompt, args.negative_prompt, args.count, args.steps, args.guidance, args.seed, args.size)
+    loras, swept = list(args.lora), None
+    if args.sweep:
+        swept, weights = parse_sweep(args.sweep)
+        if args.fuse:
+            raise LoraError("--sweep changes the LoRA's weight between images, which --fuse bakes in; leave out --fuse")
+        given = [p for p, _ in map(parse_adapter, loras)]
+        swept = next((p for p in given if swept in (p, name_of(p))), swept)
+        if swept not in given:
+            loras.append(swept)
+    loaded = {}
+    pipe, prompt = load_pipeline(args.model, loras, args.prompt, args.lora_dir, args.fuse, pick_device(args.device),
+                                 guard=args.guard, triggers=triggers, loaded=loaded)
+    kw = dict(negative_prompt=args.negative_prompt, count=args.count, steps=args.steps, guidance=args.guidance,
+              seed=args.seed, size=args.size)
+    cols, captions = None, None
+    if swept:
+        if swept not in loaded:
+            raise LoraError(f"--sweep {args.sweep}: {swept} adds no LoRA layer to this pipeline (or a --trigger left "
+                            "it out), so there is nothing to sweep")
+        images, labels = sweep(pipe, loaded[swept], weights, prompt, **kw)
+        cols, captions = len(weights), [f"{name_of(swept)} × {w:g}" for w in labels]
+    else:
+        images = generate(pipe, prompt, **kw)
+    if args.captions and captions is None:
+        captions = [prompt] * len(images)
     out = Path(args.out)
     if out.is_dir():
         raise LoraError(f"--out {out} is a folder; give the .png file to write")
-    img = grid(images)
+    img = grid(images, cols, captions, min_cell=0 if args.native_size else 128)
     atomic_write(out, lambda tmp: img.save(tmp, format="PNG"))
-    print(f"wrote {out} ({len(images)} images for {prompt!r})")
+    what = f"{len(weights)} weights of {name_of(swept)} x {args.count}" if swept else str(len(images))
+    print(f"wrote {out} ({what} images for {prompt!r}, {img.size[0]}x{img.size[1]} px)")
+
+
+def parse_sweep(spec: str) -> tuple[str, list[float]]:
+    """--sweep NAME:W1,W2,... -> (NAME, weights); NAME a --lora's file, hub id or name."""
+    name, sep, text = spec.rpartition(":")
+    try:
+        weights = [float(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        weights = []
+    if not sep or not name or not weights:
+        raise LoraError(f"--sweep {spec!r}: write NAME:W1,W2,... (e.g. style:0,0.5,1), NAME a --lora's file or name")
+    return name, weights
 
 
 def run_combine(args):
@@ -220,10 +257,10 @@ class Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lorakit.core.quant import silence_torchao
-    from lorakit.llm.train import TrainConfig
+    from lorakit.core.errors import silence_known_notices
 
-    silence_torchao()
+    silence_known_notices()  # before transformers and diffusers are imported
+    from lorakit.llm.train import TrainConfig
     from lorakit.sd.train import SDTrainConfig
 
     parser = Parser(prog="lorakit", description="LoRA adapters: train, generate, inspect, convert, "
@@ -258,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     gi.add_argument("--guard", choices=GUARDS, help="hold back burn-out where stacked LoRAs meet (tags included)")
     gi.add_argument("--trigger", action="append", default=[], metavar="NAME=WORD[,WORD]", help="use LoRA NAME (its "
                     "file name without .safetensors) only when one of its words is in the prompt (prompt routing)")
+    gi.add_argument("--sweep", metavar="NAME:W1,W2,...", help="the same prompt and seed at each weight of one LoRA "
+                    "(a --lora's file or name, or another file), side by side with captions")
+    gi.add_argument("--captions", action="store_true", help="write the prompt under each image")
+    gi.add_argument("--native-size", action="store_true", help="keep the model's image size (small images are "
+                    "otherwise scaled up, pixel for pixel, to at least 128 px)")
     gi.add_argument("--out", default="images.png")
     gi.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
     g = sub.add_parser("generate", help="generate text with weighted adapters on a base model")

@@ -72,7 +72,7 @@ def run(trainer) -> dict:
     result["final_loss"] = history[-1]["loss"] if history else None
     result = trainer.finish(result)
     if acc.is_main_process:
-        plot_loss(history, out / "loss.png")
+        plot_loss(history, out / "loss.png", result)
         write_card(out, *trainer.card(result))
     acc.wait_for_everyone()
     return result
@@ -288,23 +288,64 @@ def append_metrics(out: Path, record: dict):
         f.write(json.dumps(record) + "\n")
 
 
-def plot_loss(history: list[dict], path: Path):
+METRIC_LABELS = {"eval_accuracy": "held-out accuracy", "eval_bleu": "BLEU", "eval_ppl": "held-out perplexity"}
+
+
+def plot_loss(history: list[dict], path: Path, result: dict | None = None) -> list[str]:
+    """RUN/loss.png: the training loss (raw and smoothed; SD's prior-preservation loss too) with the held-out loss;
+    a panel of the task metric (accuracy or perplexity at each evaluation, BLEU before and after) when evaluated;
+    a thin panel of the learning rate. Returns the panels' labels, top to bottom."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([m["step"] for m in history], [m["loss"] for m in history], label="train loss")
-    evals = [m for m in history if "eval_loss" in m]
-    if evals:
-        ax.plot([m["step"] for m in evals], [m["eval_loss"] for m in evals], "o-", label="eval loss")
-    ax.set_xlabel("step")
+    result = result or {}
+    steps = [m["step"] for m in history]
+    metric = next((k for k in METRIC_LABELS if any(k in m for m in history) or f"{k}_before" in result), None)
+    heights = [3, *([1.6] if metric else []), 0.8]
+    fig, axes = plt.subplots(len(heights), 1, figsize=(7, 1.4 * sum(heights)), sharex=True,
+                             gridspec_kw={"height_ratios": heights})
+    ax = axes[0]
+    for key, label, color in (("loss", "train loss", "C0"), ("prior_loss", "prior loss", "C2")):
+        values = [m.get(key) for m in history]
+        if any(v is not None for v in values):
+            xs, ys = zip(*[(x, v) for x, v in zip(steps, values) if v is not None])
+            ax.plot(xs, ys, color=color, alpha=0.3, lw=0.8, label=label)
+            ax.plot(xs, smooth(list(ys)), color=color, lw=1.6, label=f"{label}, smoothed")
+    points = _evaluated(history, result, "eval_loss")
+    if points:
+        ax.plot(*zip(*points), "o:", color="C3", label="held-out loss")
     ax.set_ylabel("loss")
-    ax.legend()
+    ax.legend(loc="upper right", fontsize=8)
+    if metric:
+        axes[1].plot(*zip(*_evaluated(history, result, metric)), "s:", color="C1")
+        axes[1].set_ylabel(METRIC_LABELS[metric], fontsize=8)
+    lr = axes[-1]
+    lr.plot(steps, [m.get("lr") for m in history], color="gray", lw=1)
+    lr.set_ylabel("lr", fontsize=8)
+    lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    lr.set_xlabel("step")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
+    return [a.get_ylabel() for a in axes]
+
+
+def _evaluated(history: list[dict], result: dict, key: str) -> list[tuple[int, float]]:
+    """(step, value) of `key` at each evaluation: before training (result's KEY_before), during, and the final one."""
+    points = ([(0, result[f"{key}_before"])] if f"{key}_before" in result else []) + \
+        [(m["step"], m[key]) for m in history if key in m]
+    last = result.get("steps", history[-1]["step"] if history else 0)
+    if key in result and (not points or points[-1][0] != last):
+        points.append((last, result[key]))
+    return points
+
+
+def smooth(values: list[float]) -> list[float]:
+    """A centred moving average over about a twentieth of the run (no lag behind a fast drop)."""
+    h = len(values) // 40
+    return [sum(values[max(0, i - h): i + h + 1]) / len(values[max(0, i - h): i + h + 1]) for i in range(len(values))]
 
 
 def write_card(out: Path, front: dict, body: str, settings: dict):

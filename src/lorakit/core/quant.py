@@ -13,7 +13,7 @@ import math
 
 from torch import nn
 
-from lorakit.core.errors import LoraError
+from lorakit.core.errors import QUIET_LOGGERS, LoraError
 from lorakit.core.layers import is_quantized
 from lorakit.core.targeting import output_heads
 
@@ -40,20 +40,10 @@ def quantize(model: nn.Module, mode: str, skip=()) -> nn.Module:
     return model
 
 
-_NOISY = ("torchao", "torch.utils._pytree")  # torchao's CUDA kernels a CPU-only torch cannot load; its Enum notice
-
-
-def silence_torchao():
-    """For lorakit's commands: once torchao is installed, transformers imports it with every model, and on a CPU-only
-    torch it logs the CUDA kernels it cannot load (and torch an Enum deprecation): nothing the user did."""
-    for n in _NOISY:
-        logging.getLogger(n).setLevel(logging.ERROR)
-
-
 @contextlib.contextmanager
 def _quiet():
-    """The same, within quantize() only, for library users."""
-    loggers = [logging.getLogger(n) for n in _NOISY]
+    """torchao's logs below errors (errors.QUIET_LOGGERS) within quantize() only, for library users."""
+    loggers = [logging.getLogger(n) for n in QUIET_LOGGERS]
     levels = [g.level for g in loggers]
     for g in loggers:
         g.setLevel(logging.ERROR)

@@ -17,8 +17,7 @@ from importlib import metadata
 from pathlib import Path
 
 from lorakit.core.cache import cache_dir
-from lorakit.core.quant import silence_torchao
-from lorakit.core.errors import LoraError
+from lorakit.core.errors import LoraError, silence_known_notices
 
 # name -> (package, file or folder inside it, what it is, the hub id it is a copy of)
 EMBEDDED = {
@@ -115,7 +114,7 @@ def load(spec: str, task: str = "causal-lm", num_labels: int = 2, dtype=None):
     """(model, tokenizer, base model id to record) for `spec`; task "causal-lm" or "classify" (a fresh head)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    silence_torchao()  # transformers imports torchao (lorakit[quant]) with the model; its CPU-only notices
+    silence_known_notices()  # e.g. transformers imports torchao (lorakit[quant]) with the model: its CPU-only notices
     where = resolve(spec)
     kw = {"dtype": dtype} if dtype is not None else {}
     if task not in ("causal-lm", "classify"):

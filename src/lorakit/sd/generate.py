@@ -11,7 +11,7 @@ import torch
 from lorakit.core.components import as_module
 from lorakit.core.errors import LoraError
 from lorakit.core.guard import route
-from lorakit.core.model import delete, lora_modules, merge, set_weights
+from lorakit.core.model import active, delete, lora_modules, merge, set_weights
 from lorakit.formats.embeddings import keep_tokens
 from lorakit.formats.hub import name_of
 from lorakit.formats.io import base_model, load, parse_adapter
@@ -56,10 +56,12 @@ def carriers(pipe, name: str) -> set[str]:
 
 
 def load_pipeline(model: str | None, loras: list[str], prompt: str, lora_dir: str | None = None, fuse: bool = False,
-                  device=None, guard: str | None = None, triggers: dict[str, list[str]] | None = None):
+                  device=None, guard: str | None = None, triggers: dict[str, list[str]] | None = None,
+                  loaded: dict | None = None):
     """(pipeline with the LoRAs of `--lora FILE[:W]` and of the prompt's tags active, prompt without tags).
     Without `model`, the base recorded in the first LoRA is used; `guard` holds back burn-out (set_weights);
-    `triggers` {file stem: words} routes: such a LoRA is used only when one of its words is in the prompt."""
+    `triggers` {file stem: words} routes: such a LoRA is used only when one of its words is in the prompt.
+    `loaded`, if given, is filled with {file or hub id: the names of the adapters it became}."""
     prompt, tags = parse_tags(prompt)
     specs = [(path, w, w) for path, w in map(parse_adapter, loras)]
     specs += [(str(find_lora(name, lora_dir)), te, un) for name, te, un in tags]
@@ -77,17 +79,39 @@ def load_pipeline(model: str | None, loras: list[str], prompt: str, lora_dir: st
         if te == un or len({c in TEXT for c in parts}) < 2:
             if parts:  # (a file of token embeddings alone adds no adapter)
                 weights[name] = te if parts <= TEXT else un
+                if loaded is not None:
+                    loaded.setdefault(path, []).append(name)
             continue
         # different weights for the text encoder and the UNet: each part becomes its own adapter
         keep_tokens(as_module(pipe), name)  # its learned tokens stay for the per-component loads below
         delete(pipe, name)
         for comp in sorted(parts):
-            weights[load(getattr(pipe, comp), path, name=f"lora{k}_{comp}", component=comp)] = te if comp in TEXT else un
+            part = load(getattr(pipe, comp), path, name=f"lora{k}_{comp}", component=comp)
+            weights[part] = te if comp in TEXT else un
+            if loaded is not None:
+                loaded.setdefault(path, []).append(part)
     if weights:
         set_weights(as_module(pipe), weights, guard=guard)
         if fuse:
             merge(pipe)
     return pipe, prompt
+
+
+def sweep(pipe, names: list[str], weights: list[float], prompt: str, **generate_kw) -> tuple[list, list[float]]:
+    """The picture people judge a LoRA by: the same prompt and seed with adapters `names` (one LoRA's) at each of
+    `weights` (0: without it), every other adapter as it was. Returns (images weight by weight, `count` per weight
+    in a column's order: image j of every weight shares its seed), the weight of each image."""
+    before = dict(active(as_module(pipe)))
+    images, labels = [], []
+    try:
+        for w in weights:
+            set_weights(as_module(pipe), {**before, **{n: w for n in names}})
+            images.append(generate(pipe, prompt, **generate_kw))
+            labels.append(w)
+    finally:
+        set_weights(as_module(pipe), before)
+    count = len(images[0])
+    return [images[i][j] for j in range(count) for i in range(len(weights))], [w for _ in range(count) for w in labels]
 
 
 @torch.no_grad()

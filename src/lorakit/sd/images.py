@@ -5,6 +5,7 @@ folders, hub ids, through lorakit.dataset), turned into tensors in [-1, 1] at on
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -127,14 +128,47 @@ def load_cropped(path, resolution: int, center_crop: bool = True,
     return t, (h0, w0, top, left)
 
 
-def grid(images: list, cols: int | None = None):
-    """PIL images laid out in a grid (as square as possible)."""
-    from PIL import Image
+def grid(images: list, cols: int | None = None, captions: list[str] | None = None, min_cell: int = 128):
+    """PIL images laid out in a grid, as square as possible without empty cells (a neutral gray one where none fits),
+    each image scaled up by a whole factor (nearest neighbour: pixels stay pixels) to at least `min_cell` px a side
+    (0: native size), with `captions` (one per image) written under their cells."""
+    from PIL import Image, ImageDraw, ImageFont
 
-    cols = cols or max(1, round(len(images) ** 0.5))
-    rows = -(-len(images) // cols)
+    n = len(images)
+    cols = cols or _columns_for(n)
+    rows = -(-n // cols)
     w, h = images[0].size
-    out = Image.new("RGB", (cols * w, rows * h), "white")
+    k = max(1, -(-min_cell // min(w, h))) if min_cell else 1
+    cw, ch = w * k, h * k
+    font = ImageFont.load_default(size=max(10, min(16, cw // 12))) if captions else None
+    lines = [_wrap(c, font, cw - 4) for c in captions] if captions else []
+    strip = (max(len(x) for x in lines) * (font.size + 2) + 4) if captions else 0
+    out = Image.new("RGB", (cols * cw, rows * (ch + strip)), (128, 128, 128))
+    draw = ImageDraw.Draw(out)
     for i, im in enumerate(images):
-        out.paste(im, ((i % cols) * w, (i // cols) * h))
+        x, y = (i % cols) * cw, (i // cols) * (ch + strip)
+        out.paste(im.convert("RGB").resize((cw, ch), Image.NEAREST), (x, y))
+        if captions:
+            draw.rectangle((x, y + ch, x + cw - 1, y + ch + strip - 1), fill="white")
+            draw.multiline_text((x + 2, y + ch + 2), "\n".join(lines[i]), fill="black", font=font, spacing=2)
     return out
+
+
+def _columns_for(n: int) -> int:
+    """Columns for n cells: the smallest divisor of n that is ≥ √n (a full grid) unless that is wider than 4:1; else
+    as many rows as ⌊√n⌋ allows, the last row partly gray."""
+    best = min(c for c in range(1, n + 1) if n % c == 0 and c * c >= n)
+    return best if best <= 4 * (n // best) else -(-n // math.isqrt(n))
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """`text` broken into lines of at most `width` pixels in `font` (a long word is cut)."""
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if font.getlength(trial) <= width or not line:
+            line = trial
+        else:
+            lines.append(line)
+            line = word
+    return [*lines, line] if line else lines or [""]

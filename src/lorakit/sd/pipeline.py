@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from lorakit.core.errors import LoraError
+from lorakit.core.errors import LoraError, silence_known_notices
 
 EMBEDDED: dict[str, Callable[[], str]] = {}  # name -> its folder, built on first use (lorakit.sd.digits adds "digits")
 
@@ -15,6 +15,7 @@ def load_pipeline(model: str, device=None):
     """A diffusers pipeline from a folder, hub id or embedded name, in fp32, on `device`."""
     import inspect
 
+    silence_known_notices()  # before diffusers imports transformers' image processors
     import diffusers
     from diffusers import DiffusionPipeline
 

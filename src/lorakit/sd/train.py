@@ -33,7 +33,7 @@ CONV_TARGETS = ["conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsam
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 # the settings a resumed run may change (the rest must match the run it continues: lorakit.runner.open_folder)
 FREE = {"out", "resume", "overwrite", "save_every", "keep", "validation_prompts", "num_validation_images",
-        "validation_steps", "guidance_scale", "export", "cache_latents", "gradient_checkpointing"}
+        "validation_steps", "guidance_scale", "native_size", "export", "cache_latents", "gradient_checkpointing"}
 
 
 @dataclass
@@ -85,6 +85,7 @@ class SDTrainConfig:
     num_validation_images: int = 4
     validation_steps: int = 20  # DPM-Solver++ steps for the sample grids
     guidance_scale: float = 7.5
+    native_size: bool = False  # sample grids at the model's image size (else small images are scaled up to 128 px)
     export: list[Literal["diffusers", "kohya", "peft"]] = field(default_factory=list)  # also write these formats
 
     def __post_init__(self):
@@ -383,7 +384,8 @@ def set_phase(step: int, ti_steps: int, cfg: SDTrainConfig, lora_params, embeddi
 
 
 def samples(pipe, cfg: SDTrainConfig, out: Path, step: int):
-    """A grid of the validation prompts (rows) × images (columns) at RUN/samples/step-N.png."""
+    """A grid of the validation prompts (rows) × images (columns) at RUN/samples/step-N.png, each cell captioned with
+    its prompt and scaled up to at least 128 px unless native_size."""
     if not cfg.validation_prompts:
         return
     was = pipe.unet.training
@@ -393,5 +395,6 @@ def samples(pipe, cfg: SDTrainConfig, out: Path, step: int):
     pipe.unet.train(was)
     path = out / "samples" / f"step-{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    img = imagelib.grid(imgs, cfg.num_validation_images)
+    captions = [p for p in cfg.validation_prompts for _ in range(cfg.num_validation_images)]
+    img = imagelib.grid(imgs, cfg.num_validation_images, captions, min_cell=0 if cfg.native_size else 128)
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
