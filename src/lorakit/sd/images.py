@@ -106,8 +106,9 @@ def load_image(path: Path, resolution: int, center_crop: bool = True) -> torch.T
 
 def load_cropped(path, resolution: int, center_crop: bool = True,
                  flip: bool = False) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-    """(image (a file or a PIL image) as load_image gives it, mirrored if `flip`; (original height, width, crop top, crop left)), the
-    crop's corner in the resized (and mirrored) image: what SDXL's micro-conditioning time ids record."""
+    """(image (a file or a PIL image) as load_image gives it, mirrored if `flip`; (original height, width, crop top,
+    crop left)), the crop's corner in the resized (and mirrored) image: what SDXL's micro-conditioning time ids
+    record."""
     from PIL import Image
 
     try:
@@ -162,7 +163,7 @@ def _columns_for(n: int) -> int:
 
 
 def _wrap(text: str, font, width: int) -> list[str]:
-    """`text` broken into lines of at most `width` pixels in `font` (a long word is cut)."""
+    """`text` broken into lines of at most `width` pixels in `font` (a longer word stays whole on its own line)."""
     lines, line = [], ""
     for word in text.split():
         trial = f"{line} {word}".strip()
