@@ -21,16 +21,7 @@ from lorakit.core.components import as_module, component_of, is_pipeline_view
 from lorakit.core.errors import LoraError, warn
 from lorakit.core.model import active, adapter_infos, adapters
 from lorakit.formats import adapter as canonical
-from lorakit.formats import (
-    cloneofsimo,
-    diffusers,
-    hub,
-    kohya,
-    loralib,
-    lycoris,
-    native,
-    peft,
-)
+from lorakit.formats import cloneofsimo, diffusers, hub, kohya, loralib, lycoris, native, peft
 from lorakit.formats.embeddings import add_tokens, check_embeddings
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
