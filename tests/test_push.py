@@ -259,3 +259,20 @@ def test_cards_record_hub_ids_as_ids_and_local_paths_by_name(tmp_path):
     assert "base_model" not in front and "datasets" not in front and front["training_data"]["files"] == 0
     assert runner.public_settings({"model": str(tmp_path / "m"), "out": "/x/run", "lr": 1.0}) == \
         {"model": "m", "out": "run", "lr": 1.0}
+
+
+def test_a_card_naming_other_local_paths_is_pushed_with_their_names_only(llm_run, tmp_path):
+    """An older run's card (data and eval data by absolute path, settings a resume may change and run.json omits)."""
+    import shutil
+
+    tmp, _ = llm_run
+    old = tmp_path / "old-run"
+    shutil.copytree(tmp / "run", old, ignore=shutil.ignore_patterns("checkpoints", "hub-upload"))
+    elsewhere = tmp_path / "elsewhere" / "eval.jsonl"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text("{}\n")
+    card = (old / "README.md").read_text()
+    (old / "README.md").write_text(card + f"\nEval data: {elsewhere}; cache ~/.cache and https://huggingface.co/x/y\n")
+    assert main(["push", str(old), "--repo", "me/old", "--dry-run", str(tmp_path / "stage")]) == 0
+    text = (tmp_path / "stage" / "README.md").read_text()
+    assert str(tmp_path) not in text and "Eval data: eval.jsonl;" in text and "https://huggingface.co/x/y" in text

@@ -242,9 +242,23 @@ def local_paths(run: Path, source: Path) -> list[str]:
     return sorted((p for p in paths if len(p) > 1), key=len, reverse=True)
 
 
+ABSOLUTE = re.compile(r"(?<![\w.:/~-])~?/[^\s'\"`<>|,;()\[\]{}]+")  # /a/b or ~/a, not a URL's // or a/b
+
+
+def paths_in(text: str) -> list[str]:
+    """The absolute paths in `text` that name something on this machine (it exists, or its folder does)."""
+    found = []
+    for m in ABSOLUTE.finditer(text):
+        p = Path(m.group().rstrip(".:")).expanduser()
+        if p.exists() or (len(p.parts) > 2 and p.parent.exists()):
+            found.append(m.group().rstrip(".:"))
+    return found
+
+
 def scrub(text: str, paths: list[str]) -> str:
-    """`text` with each local path replaced by its last name (an older lorakit's card recorded data by path)."""
-    for p in paths:
+    """`text` with each local path replaced by its last name: the run's known paths, and any other absolute path of
+    this machine (an older lorakit's card recorded data, and settings a resume may change, by path)."""
+    for p in [*paths, *sorted(set(paths_in(text)), key=len, reverse=True)]:
         text = text.replace(p, Path(p).name)
     return text
 
@@ -261,7 +275,7 @@ def check_no_local_paths(stage: Path, paths: list[str]):
             text = f.read_text(encoding="utf-8", errors="replace")
         else:
             continue
-        if hit := next((p for p in paths if p in text), None):
+        if hit := next((p for p in paths if p in text), None) or next(iter(paths_in(text)), None):
             raise LoraError(f"{f.relative_to(stage)} would upload the local path {hit}; nothing was pushed "
                             "(please report this as a lorakit bug)")
 
