@@ -91,3 +91,25 @@ def test_known_notices_are_silenced_and_other_warnings_stay(sd_lora):
     kept = [f.filter(logging.LogRecord(logger.name, logging.WARNING, "", 0, "a real warning", (), None))
             for f in logger.filters]
     assert kept and all(kept)  # the filter drops its one message, nothing else
+
+
+def test_the_adapter_header_names_a_local_base_relative_to_itself(tmp_path, save_tiny):
+    import json
+    import shutil
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.formats.io import base_model
+
+    save_tiny(tmp_path / "work" / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "work" / "m")  # records its folder as name_or_path
+    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=2, targets=["q_proj"]))
+    lorakit.save(model, tmp_path / "work" / "run" / "adapter.safetensors")
+    with safe_open(str(tmp_path / "work" / "run" / "adapter.safetensors"), "pt") as f:
+        header = f.metadata()
+    assert str(tmp_path) not in json.dumps(header) and header["base_model"] == "../m"
+    shutil.move(tmp_path / "work", tmp_path / "moved")  # the run and its base move together
+    moved = tmp_path / "moved" / "run" / "adapter.safetensors"
+    assert lorakit.read(moved)[0].base_model == str(tmp_path / "moved" / "m")
+    assert base_model(None, [str(moved)]) == str(tmp_path / "moved" / "m")

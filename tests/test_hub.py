@@ -82,7 +82,8 @@ def test_a_lorakit_adapter_loads_by_hub_id_like_its_file(tmp_path, save_tiny, hu
     assert lorakit.load(model, "user/style") == "style"
     assert torch.equal(logits(model), logits(trained))
     a, fmt = lorakit.read("user/style")
-    assert fmt == "lorakit" and a.base_model == str(base)
+    assert fmt == "lorakit" and lorakit.read(path)[0].base_model == str(base)
+    assert a.base_model is None  # the file records its local base relative to itself: nothing beside a hub copy
 
 
 def test_revisions_pick_their_commit(tmp_path, save_tiny, hub):
@@ -169,14 +170,15 @@ def test_cli_commands_take_hub_ids(tmp_path, save_tiny, hub, capsys):
     cache_repo(hub, "user/style", {"adapter.safetensors": path})
     assert main(["inspect", "user/style"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("file:        user/style (") and f"base model:  {base}" in out
+    assert out.startswith("file:        user/style (") and "format:      lorakit" in out
     assert main(["convert", "user/style", str(tmp_path / "p"), "--to", "peft"]) == 0
     assert main(["combine", "user/style:0.5", "user/style:adapter.safetensors:0.5", "--out",
                  str(tmp_path / "c.safetensors")]) == 0
-    assert main(["merge-into", "--adapter", "user/style", "--out", str(tmp_path / "merged")]) == 0  # base from the file
+    assert main(["merge-into", "--model", str(base), "--adapter", "user/style", "--out", str(tmp_path / "merged")]) == 0
     torch.testing.assert_close(logits(fresh(tmp_path / "merged")), logits(trained), rtol=0, atol=1e-5)
     capsys.readouterr()
-    assert main(["generate", "--adapter", "user/style", "--prompt", "a b", "--max-new-tokens", "2"]) == 0
+    assert main(["generate", "--model", str(base), "--adapter", "user/style", "--prompt", "a b", "--max-new-tokens",
+                 "2"]) == 0
     assert capsys.readouterr().out.startswith(">>> a b\n")
 
 

@@ -143,6 +143,7 @@ def write(a: canonical.Adapter, path, format: str = "lorakit", **options) -> Pat
     if format in ("diffusers", "kohya"):
         if path.suffix != ".safetensors":
             path = path / (diffusers.WEIGHTS_NAME if format == "diffusers" else "lora.safetensors")
+        a = dataclasses.replace(a, base_model=portable_base(a.base_model, path))
         module = diffusers if format == "diffusers" else kohya
         tensors, metadata = module.write(a, **options)
         _save_tensors(path, tensors, {**metadata, **_history(a)})
@@ -151,7 +152,7 @@ def write(a: canonical.Adapter, path, format: str = "lorakit", **options) -> Pat
         if path.suffix != ".safetensors":
             raise LoraError(f"{path}: lorakit adapters are single .safetensors files; name it "
                             f"{path.with_suffix('.safetensors').name} or pass format='peft' for a PEFT folder")
-        _save_tensors(path, *native.write(a))
+        _save_tensors(path, *native.write(dataclasses.replace(a, base_model=portable_base(a.base_model, path))))
     else:
         if path.suffix == ".safetensors":
             raise LoraError(f"{path}: a PEFT adapter is a folder; give a folder path")
@@ -161,6 +162,20 @@ def write(a: canonical.Adapter, path, format: str = "lorakit", **options) -> Pat
                                    peft.CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2))},
                             replaces=(peft.PICKLE_WEIGHTS_NAME,))
     return path
+
+
+def portable_base(base: str | None, file: Path) -> str | None:
+    """What a single-file adapter records of its base: a hub id as it is; a local folder or file as a path relative to
+    the adapter's folder ("../m", "./models/m"), so the file holds no absolute path of this machine and still finds
+    its base when the two move together (read() turns it back into a full path)."""
+    local = Path(base).expanduser() if base else None
+    if local is None or not (local.is_absolute() or local.exists()):
+        return base
+    try:
+        rel = os.path.relpath(local.resolve(), Path(file).parent.resolve())
+    except ValueError:  # another drive (Windows): no relative path
+        return base
+    return rel if rel.startswith("..") else f"./{rel}"
 
 
 def _history(a: canonical.Adapter) -> dict:
@@ -227,6 +242,9 @@ def _read_checked(spec, path: Path, allow_pickle: bool, alpha: float | None) -> 
         if not t.is_floating_point() or (t.dim() < 2 and what.startswith("module")):
             raise LoraError(f"{path}: {what} is a {t.dtype} tensor of shape {list(t.shape)}; LoRA factors are "
                             "floating-point matrices. The file is damaged or not a LoRA adapter")
+    if fmt in ("lorakit", "kohya") and a.base_model and a.base_model.startswith(("./", "../")):
+        # recorded relative to the file (portable_base); a copy fetched from the hub has no such neighbour
+        a.base_model = None if hub.parse(spec) else str((path.parent / a.base_model).resolve())
     a.base_model = a.base_model or hub.card_base_model(spec, path)
     return a, fmt
 
