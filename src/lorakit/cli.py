@@ -11,7 +11,7 @@ from lorakit.algebra import METHODS
 from lorakit.core.config import scale
 from lorakit.core.errors import LoraError
 from lorakit.core.guard import GUARDS
-from lorakit.formats.io import FORMATS, atomic_write, convert, read, write
+from lorakit.formats.io import FORMATS, atomic_write, convert, read, read_fetched, write
 
 
 def inspect(path: str, allow_pickle: bool = False) -> str:
@@ -19,8 +19,7 @@ def inspect(path: str, allow_pickle: bool = False) -> str:
     from lorakit.formats import hub
 
     p = hub.fetch(path)
-    a, fmt = read(p, allow_pickle=allow_pickle)
-    a.base_model = a.base_model or hub.card_base_model(path, p)
+    a, fmt = read_fetched(path, p, allow_pickle)
     size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
     ranks = sorted({m.r for m in a.modules.values()})
     alphas = sorted({m.alpha for m in a.modules.values()})

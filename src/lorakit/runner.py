@@ -345,7 +345,8 @@ def _evaluated(history: list[dict], result: dict, key: str) -> list[tuple[int, f
 def smooth(values: list[float]) -> list[float]:
     """A centred moving average over about a twentieth of the run (no lag behind a fast drop)."""
     h = len(values) // 40
-    return [sum(values[max(0, i - h): i + h + 1]) / len(values[max(0, i - h): i + h + 1]) for i in range(len(values))]
+    windows = (values[max(0, i - h): i + h + 1] for i in range(len(values)))
+    return [sum(w) / len(w) for w in windows]
 
 
 def write_card(out: Path, front: dict, body: str, settings: dict):

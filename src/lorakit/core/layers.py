@@ -708,8 +708,8 @@ def swap_out(module: nn.Module) -> nn.Module:
     for attr in ("lora_hot_A", "lora_hot_B"):
         module._buffers.pop(attr, None)
     for attr in ("lora_kind", "lora_dora_axis", "lora_init", "lora_gain_cache", "lora_alpha", "lora_scale",
-                 "lora_dropout", "lora_fast_dropout", "lora_weights", "lora_merged", "lora_premerge", "lora_guarded", "lora_rows", "lora_slots", "lora_slot_A", "lora_slot_B",
-                 "disabled", "_lora_hook"):
+                 "lora_dropout", "lora_fast_dropout", "lora_weights", "lora_merged", "lora_premerge", "lora_guarded",
+                 "lora_rows", "lora_slots", "lora_slot_A", "lora_slot_B", "disabled", "_lora_hook"):
         module.__dict__.pop(attr, None)
     module.__class__ = type(module).__mro__[2]
     return module

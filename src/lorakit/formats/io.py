@@ -222,11 +222,12 @@ def read(path, allow_pickle: bool = False, alpha: float | None = None) -> tuple[
     LyCORIS or cloneofsimo file, or loralib state dict, local or by hub id (`owner/name[@REV][:FILE]`, formats/hub.py).
     Whatever is wrong with the file raises LoraError. A base model the file does not record is taken from the
     model card (README.md) beside it or in its hub repo."""
-    return _read_checked(path, hub.fetch(path), allow_pickle, alpha)
+    return read_fetched(path, hub.fetch(path), allow_pickle, alpha)
 
 
-def _read_checked(spec, path: Path, allow_pickle: bool, alpha: float | None) -> tuple[canonical.Adapter, str]:
-    """read() of the local file or folder `path` that `spec` (a path or hub id) was fetched as."""
+def read_fetched(spec, path: Path, allow_pickle: bool = False,
+                 alpha: float | None = None) -> tuple[canonical.Adapter, str]:
+    """read() of the local file or folder `path` that `spec` (a path or hub id) was fetched as (hub.fetch)."""
     try:
         a, fmt = _read(path, allow_pickle, alpha)
     except (IndexError, KeyError, TypeError, AttributeError, ValueError, RuntimeError, ZeroDivisionError, re.error) as e:
@@ -296,7 +297,7 @@ def load(model: nn.Module, path, name: str | None = None, allow_pickle: bool = F
     component= picks the part of a pipeline-wide file ("unet", "text_encoder", ...) for a lone component.
     """
     spec, path, target, model = str(path), hub.fetch(path), model, as_module(model)
-    a, fmt = _read_checked(spec, path, allow_pickle, alpha)
+    a, fmt = read_fetched(spec, path, allow_pickle, alpha)
     if fmt == "cloneofsimo":  # its modules are numbered in the model's traversal order
         a = cloneofsimo.bind(a, model, spec, component)
     tokenizer, encoder = getattr(target, "tokenizer", None), getattr(target, "text_encoder", None)

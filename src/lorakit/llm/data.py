@@ -348,7 +348,11 @@ def label_names(examples: list[dict]) -> list[str]:
     A model's number of labels, before any tokenizing."""
     if _shape_of(examples) != "text/label":
         raise LoraError("classification needs {text, label} examples; use tokenize_causal for the other shapes")
-    values = [ex["label"] for ex in examples]
+    return _classes([ex["label"] for ex in examples])
+
+
+def _classes(values: list) -> list[str]:
+    """Class names of label values: string labels sorted, or "0" .. "max" for int labels (their own index)."""
     if len({type(v) for v in values}) > 1:
         raise LoraError(f"labels mix integers and strings ({values[0]!r}, ...); use class names or indices, not both")
     return [str(i) for i in range(max(values) + 1)] if isinstance(values[0], int) else sorted(set(values))
@@ -478,7 +482,7 @@ def labels_of(examples, spec: str) -> list[str]:
               str(v).strip()]  # the bad ones are bad rows when it is encoded
     if not values:
         raise LoraError(f"{spec}: no valid label; write integer class indices or non-empty class names")
-    return [str(i) for i in range(max(values) + 1)] if isinstance(values[0], int) else sorted(values)
+    return _classes(values)
 
 
 def encode_dataset(ds, spec: str, task: str, tokenizer, max_length: int, labels: list[str] | None = None,

@@ -102,16 +102,15 @@ def sweep(pipe, names: list[str], weights: list[float], prompt: str, **generate_
     `weights` (0: without it), every other adapter as it was. Returns (images weight by weight, `count` per weight
     in a column's order: image j of every weight shares its seed), the weight of each image."""
     before = dict(active(as_module(pipe)))
-    images, labels = [], []
+    images = []
     try:
         for w in weights:
             set_weights(as_module(pipe), {**before, **{n: w for n in names}})
             images.append(generate(pipe, prompt, **generate_kw))
-            labels.append(w)
     finally:
         set_weights(as_module(pipe), before)
     count = len(images[0])
-    return [images[i][j] for j in range(count) for i in range(len(weights))], [w for _ in range(count) for w in labels]
+    return [images[i][j] for j in range(count) for i in range(len(weights))], [w for _ in range(count) for w in weights]
 
 
 @torch.no_grad()
